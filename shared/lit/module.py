@@ -1,0 +1,75 @@
+"""`PaperModule`: the base of every project's LightningModule.
+
+A project's module takes plain values only (numbers, strings, lists, dicts of those), builds its `nn.Module`
+from them, and calls `self.save_hyperparameters()`; checkpoints then load with `weights_only=True` and resume.
+The base class turns the `optimizer` / `scheduler` dicts into an optimiser and a per-step schedule, and gives
+the throughput callback what it needs (`samples_in`, `tokens_in`, `flops_per_sample`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from shared.lit.optim import build_optimizer, build_scheduler
+
+
+class PaperModule(pl.LightningModule):
+    """Args:
+    optimizer: kwargs of `shared.lit.optim.build_optimizer` (name, lr, weight_decay, betas, ...).
+    scheduler: kwargs of `shared.lit.optim.build_scheduler` (name, warmup_steps, milestones, ...).
+    """
+
+    def __init__(self, optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.optimizer_config = dict(optimizer)
+        self.scheduler_config = dict(scheduler or {"name": "constant"})
+
+    def optimized_module(self) -> nn.Module:
+        """The module whose parameters are trained (`self.model` when the project has one)."""
+        return getattr(self, "model", self)
+
+    def global_batch_size(self) -> int | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        batch = getattr(dm, "batch_size", None)
+        if batch is None:
+            return None
+        return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.optimized_module(), global_batch=self.global_batch_size(),
+                                    **self.optimizer_config)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs
+        steps_per_epoch = total // epochs if epochs and epochs > 0 else None
+        scheduler = build_scheduler(optimizer, total_steps=total, steps_per_epoch=steps_per_epoch,
+                                    **self.scheduler_config)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # What the throughput callback reads; projects override where the defaults are wrong.
+    def samples_in(self, batch: Any) -> int:
+        first = batch[0] if isinstance(batch, list | tuple) else next(iter(batch.values())) if isinstance(batch, dict) else batch
+        return int(first.shape[0])
+
+    def tokens_in(self, batch: Any) -> int | None:
+        return None
+
+    def flops_per_sample(self) -> float | None:
+        """Training FLOPs (forward + backward) of one sample, or None when the project does not declare them."""
+        return None
+
+
+def count_forward_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
+    """FLOPs of one forward pass, counted on the meta device (instant, no memory, no random numbers drawn)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta_model = copy.deepcopy(model).to("meta").eval()
+    meta_inputs = [x.to("meta") for x in inputs]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta_model(*meta_inputs)
+    return float(counter.get_total_flops())
