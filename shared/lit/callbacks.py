@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from shared.lit.errors import NonFiniteLossError
 from shared.lit.flops import peak_tflops
@@ -93,7 +94,8 @@ def _first_dim(batch: Any) -> int:
 
 def _call_or(module: Any, name: str, batch: Any, default: int) -> int:
     fn = getattr(module, name, None)
-    return int(fn(batch)) if callable(fn) else default
+    value = fn(batch) if callable(fn) else None
+    return default if value is None else int(value)
 
 
 class NonFiniteLossGuard(Callback):
@@ -119,11 +121,13 @@ class NonFiniteLossGuard(Callback):
 
 
 class PreemptionCheckpoint(Callback):
-    """Saves `last.ckpt` at the first step boundary after SIGTERM or the cluster's preemption signal.
+    """Saves `last.ckpt` when the run is interrupted, so that `ckpt_path=last` continues it exactly.
 
-    SIGTERM (a kill, or SLURM preemption) ends the run after the save. The preemption signal (SIGUSR2, which
-    submitit asks SLURM to send before the time limit) is held until the checkpoint is written, then handed to
-    submitit, which requeues the job; the requeued job resumes from `last.ckpt` (see `shared.lit.runner`).
+    SIGTERM (a kill, or SLURM preemption): Lightning stops at the next step boundary and raises
+    `SIGTERMException`; the checkpoint is written then and the run exits with status 143.
+    The preemption signal (SIGUSR2, which submitit asks SLURM to send before the time limit) is held until the
+    next step boundary, the checkpoint is written, and the signal is handed to submitit, which requeues the
+    job; the requeued job resumes from `last.ckpt` (`shared.lit.runner.resolve_ckpt_path`).
     """
 
     def __init__(self, dirpath: str, preempt_signal: str = "SIGUSR2") -> None:
@@ -141,17 +145,24 @@ class PreemptionCheckpoint(Callback):
     def _hold(self, signum: int, frame: Any) -> None:
         self._received = signum
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        stop = self._received is not None or trainer.received_sigterm
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
-            return
+    def _save(self, trainer: pl.Trainer, why: str) -> None:
         trainer.save_checkpoint(self.path)
-        log.info(f"interrupted at step {trainer.global_step}: saved {self.path}; resume with ckpt_path=last")
+        log.info(f"{why} at step {trainer.global_step}: saved {self.path}; resume with ckpt_path=last")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        preempted = self._received is not None
+        if trainer.world_size > 1:
+            preempted = trainer.strategy.reduce_boolean_decision(preempted, all=False)
+        if not preempted:
+            return
+        self._save(trainer, "preemption signal")
         if self._received is not None and callable(self._previous):
-            self._previous(self._received, None)
+            self._previous(self._received, None)  # submitit: requeue this job, then exit
         trainer.should_stop = True
+
+    def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, "SIGTERM")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._previous is not None:

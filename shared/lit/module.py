@@ -42,9 +42,7 @@ class PaperModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.optimized_module(), global_batch=self.global_batch_size(),
                                     **self.optimizer_config)
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs
-        steps_per_epoch = total // epochs if epochs and epochs > 0 else None
+        total, steps_per_epoch = training_steps(self.trainer)
         scheduler = build_scheduler(optimizer, total_steps=total, steps_per_epoch=steps_per_epoch,
                                     **self.scheduler_config)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -60,6 +58,30 @@ class PaperModule(pl.LightningModule):
     def flops_per_sample(self) -> float | None:
         """Training FLOPs (forward + backward) of one sample, or None when the project does not declare them."""
         return None
+
+
+def training_steps(trainer: pl.Trainer) -> tuple[int, int | None]:
+    """(total optimiser steps of the run, steps per epoch) for schedules.
+
+    Computed from the datamodule's loader length rather than `trainer.estimated_stepping_batches`, which would
+    build and start the trainer's own training loader before a checkpoint is restored, so that a resumed run
+    would begin from the wrong place in the data.
+    """
+    steps_per_epoch = None
+    dm = getattr(trainer, "datamodule", None)
+    if dm is not None and type(dm).train_dataloader is not pl.LightningDataModule.train_dataloader:
+        batches = len(dm.train_dataloader())
+        limit = trainer.limit_train_batches
+        batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
+        steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
+    by_epochs = steps_per_epoch * trainer.max_epochs if steps_per_epoch and trainer.max_epochs > 0 else None
+    by_steps = trainer.max_steps if trainer.max_steps > 0 else None
+    candidates = [n for n in (by_epochs, by_steps) if n]
+    if not candidates:
+        from shared.lit.errors import ConfigError
+
+        raise ConfigError("the run has no length: set trainer.max_steps or trainer.max_epochs")
+    return min(candidates), steps_per_epoch
 
 
 def count_forward_flops(model: nn.Module, *inputs: torch.Tensor) -> float:

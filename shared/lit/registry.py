@@ -24,29 +24,42 @@ class ProjectInfo:
     description: str
 
 
-def available_projects(conf_dir: Path = CONF_DIR) -> dict[str, ProjectInfo]:
-    """All projects declared under `conf_dir/project`, by name."""
+def available_projects(*conf_dirs: Path) -> dict[str, ProjectInfo]:
+    """All projects declared under `<conf_dir>/project` (default: the repository's conf/), by name."""
     projects = {}
-    for path in sorted((conf_dir / "project").glob("*.yaml")):
-        block = (yaml.safe_load(path.read_text()) or {}).get("project", {})
-        projects[path.stem] = ProjectInfo(path.stem, str(block.get("description", "")).strip())
+    for conf_dir in conf_dirs or (CONF_DIR,):
+        for path in sorted((conf_dir / "project").glob("*.yaml")):
+            block = (yaml.safe_load(path.read_text()) or {}).get("project", {})
+            projects[path.stem] = ProjectInfo(path.stem, str(block.get("description", "")).strip())
     return projects
 
 
-def project_listing(conf_dir: Path = CONF_DIR) -> str:
+def project_listing(*conf_dirs: Path) -> str:
     """One line naming every project with its one-line description."""
-    items = [f"{p.name} ({p.description})" for p in available_projects(conf_dir).values()]
+    items = [f"{p.name} ({p.description})" for p in available_projects(*conf_dirs).values()]
     return "available projects: " + "; ".join(items)
 
 
-def project_error(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
+def _search_path_dirs(argv: list[str]) -> list[Path]:
+    """Config directories added on the command line with `hydra.searchpath=[file://...]` (projects kept
+    outside the repository, or the tests' own)."""
+    dirs = []
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "hydra.searchpath":
+            dirs += [Path(v.strip()[len("file://"):]) for v in value.strip("[]").split(",") if v.strip().startswith("file://")]
+    return dirs
+
+
+def project_error(argv: list[str]) -> str | None:
     """The one-line error for a command line that names no known project, or None when it is fine.
 
     `project=a,b` (a sweep over projects) is checked item by item; `experiment=<project>/<name>` implies its project.
     """
     if any(arg.split("=")[0] in _INFO_FLAGS for arg in argv):
         return None
-    known = available_projects(conf_dir)
+    conf_dirs = [CONF_DIR, *_search_path_dirs(argv)]
+    known = available_projects(*conf_dirs)
     chosen: list[str] = []
     for arg in argv:
         key, _, value = arg.lstrip("+~").partition("=")
@@ -55,8 +68,8 @@ def project_error(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
         elif key == "experiment" and "/" in value:
             chosen += [v.split("/")[0].strip() for v in value.strip("[]").split(",")]
     if not chosen:
-        return f"error: no project given (python train.py project=<name>); {project_listing(conf_dir)}"
+        return f"error: no project given (python train.py project=<name>); {project_listing(*conf_dirs)}"
     unknown = [name for name in chosen if name not in known]
     if unknown:
-        return f"error: unknown project '{unknown[0]}'; {project_listing(conf_dir)}"
+        return f"error: unknown project '{unknown[0]}'; {project_listing(*conf_dirs)}"
     return None

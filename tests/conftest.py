@@ -1,0 +1,39 @@
+"""Shared test helpers: run the real CLI in a subprocess, compose configs in-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CONF = REPO / "tests" / "conf"
+TOY = ["project=toy", f"hydra.searchpath=[file://{TEST_CONF}]", "logger=csv"]
+
+
+def run_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None, timeout: int = 300,
+            script: str = "train.py") -> subprocess.CompletedProcess:
+    """`python train.py <args>` from the repository root, writing under `log_dir`."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    # Overrides must precede trailing flags such as `--cfg hydra`.
+    flag = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
+    args = [*args[:flag], f"paths.log_dir={log_dir}", *args[flag:]]
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli(tmp_path):
+    def _run(*args: str, env: dict[str, str] | None = None, check: bool = True, script: str = "train.py"):
+        result = run_cli(list(args), tmp_path / "outputs", env=env, script=script)
+        if check and result.returncode != 0:
+            raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    _run.outputs = tmp_path / "outputs"
+    return _run
