@@ -76,7 +76,7 @@ def test_config_typo_names_the_key(cli):
 @pytest.mark.slow
 def test_train_writes_run_dir_checkpoints_config_and_throughput(cli):
     cli(*TOY, "trainer.max_epochs=2")
-    run_dir = cli.outputs / "toy" / "trainer.max_epochs=2"  # deterministic: named by the overrides
+    run_dir = cli.outputs / "toy" / "trainer.max_epochs-2"  # deterministic: named by the overrides
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["project"]["name"] == "toy" and config["trainer"]["max_epochs"] == 2
@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert result.returncode == 1
     out = result.stdout + result.stderr
     assert "training loss is nan at step 20" in out
-    last = cli.outputs / "toy" / "model.nan_at_step=20" / "checkpoints" / "last.ckpt"
+    last = cli.outputs / "toy" / "model.nan_at_step-20" / "checkpoints" / "last.ckpt"
     assert f"the last good checkpoint is {last}" in out
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 16  # saved after epoch 0, untouched by the bad step
@@ -139,7 +139,7 @@ def test_checkpoint_of_another_model_is_one_clear_error(cli):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(cli):
     result = cli(*TOY, "trainer=ddp_cpu")
-    run_dir = cli.outputs / "toy" / "trainer=ddp_cpu"
+    run_dir = cli.outputs / "toy" / "trainer-ddp_cpu"
     assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran, in the same run directory
     assert "distributed_backend=gloo" in result.stdout + result.stderr
     # 256 samples, batch 16 per rank, 2 ranks: 8 steps an epoch
@@ -150,7 +150,7 @@ def test_ddp_on_two_cpu_processes(cli):
 def test_multirun_sweep_gives_each_job_its_own_run_dir(cli):
     cli("-m", *TOY, "model.hidden=16,32", "seed=0,1", "trainer.max_epochs=1")
     dirs = sorted(p.name for p in (cli.outputs / "toy").iterdir())
-    assert dirs == [f"model.hidden={h},seed={s},trainer.max_epochs=1" for h in (16, 32) for s in (0, 1)]
+    assert dirs == [f"model.hidden-{h}_seed-{s}_trainer.max_epochs-1" for h in (16, 32) for s in (0, 1)]
     for d in dirs:
         assert (cli.outputs / "toy" / d / "checkpoints" / "last.ckpt").is_file()
 
@@ -159,7 +159,7 @@ def test_multirun_sweep_gives_each_job_its_own_run_dir(cli):
 def test_slurm_preset_runs_through_submitit_local_executor(cli):
     cli("-m", "hydra/launcher=slurm_local", *TOY, "model.hidden=16,32", "trainer.max_epochs=1")
     for hidden in (16, 32):
-        run_dir = cli.outputs / "toy" / f"model.hidden={hidden},trainer.max_epochs=1"
+        run_dir = cli.outputs / "toy" / f"model.hidden-{hidden}_trainer.max_epochs-1"
         assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert list((cli.outputs / ".submitit").iterdir())  # the jobs went through submitit
 
@@ -186,3 +186,14 @@ def test_wandb_offline_without_account_or_network_one_run_per_job(cli):
     assert len(runs) == 2 and runs[0].parent.parent != runs[1].parent.parent
     for run in runs:
         assert list(run.glob("run-*.wandb"))
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_test_metric_of_a_checkpoint(cli):
+    cli(*TOY, "trainer.max_epochs=1")
+    run_dir = cli.outputs / "toy" / "trainer.max_epochs-1"
+    trained = last_value(read_metrics(run_dir), "test/loss")
+    result = cli(*TOY, f"weights={run_dir / 'checkpoints' / 'last.ckpt'}", script="eval.py")
+    assert f"test/loss  {trained:.4f}" in result.stdout
+    results = yaml.safe_load((cli.outputs / "toy" / "eval" / "default" / "results.json").read_text())
+    assert results["test/loss"] == pytest.approx(trained, rel=1e-6)

@@ -16,7 +16,7 @@ from pathlib import Path
 from shared.data.bundled import package_file
 
 _WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-CLEANER_VERSION = 1  # bump when the cleaning changes, so caches are rebuilt
+CLEANER_VERSION = 4  # bump when the cleaning changes, so caches are rebuilt
 
 
 def cache_dir() -> Path:
@@ -45,17 +45,34 @@ def _strip_nested(text: str, open_: str, close: str) -> str:
     return "".join(out)
 
 
+_NON_TEXT_LINK = re.compile(r"(?:File|Image|Category|Media|[a-z]{2,3}(?:-[a-z]+)?):", re.I)
+
+
+def _resolve_links(text: str) -> str:
+    """[[target|shown]] -> shown, innermost first (image captions hold links); files and categories vanish."""
+    innermost = re.compile(r"\[\[((?:(?!\[\[|\]\]).)*)\]\]", re.S)  # captions span lines, hold [single] brackets
+
+    def replace(match: re.Match) -> str:
+        inside = match.group(1)
+        return "" if _NON_TEXT_LINK.match(inside) else inside.rsplit("|", 1)[-1]
+
+    while True:
+        text, count = innermost.subn(replace, text)
+        if not count:
+            return text
+
+
 def clean_wikitext(markup: str) -> str:
     """Plain prose from MediaWiki markup: templates, tables, references, files and categories removed, links
     replaced by their text, headings and emphasis unmarked, one paragraph per line."""
-    text = html.unescape(markup)
+    text = html.unescape(html.unescape(markup))  # the dump escapes entities twice (&amp;nbsp;)
     text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<math[^>]*>.*?</math>", "", text, flags=re.S)
     text = re.sub(r"<ref[^>]*/>", "", text)
     text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
     text = _strip_nested(text, "{{", "}}")
     text = _strip_nested(text, "{|", "|}")
-    text = re.sub(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text)
-    text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
+    text = _resolve_links(text)
     text = re.sub(r"\[https?://[^\s\]]+ ?([^\]]*)\]", r"\1", text)
     text = re.sub(r"<[^>]+>", "", text)
     text = re.sub(r"'{2,}", "", text)
