@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from shared.data.loading import SampleKey, make_loader, sample_rng
 from shared.data.text import cache_dir, wikipedia_text
-from shared.lit.errors import ConfigError, DatasetError, require
+from shared.lit.errors import ConfigError, DatasetError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKENIZER_VERSION = 1  # bump when training settings change, so cached vocabularies are rebuilt
@@ -179,7 +179,8 @@ def learn_wordpiece_vocab(sentences: list[str], vocab_size: int, lowercase: bool
 def wordpiece_tokenizer(train_sentences: list[str], vocab: str | Path | None, vocab_size: int,
                         lowercase: bool | None = None) -> Any:
     """BERT's WordPiece tokenizer: from `vocab`, or learned on `train_sentences` and cached (module docstring)."""
-    tokenizers = require("tokenizers", "dev", "The bytetransformer project's WordPiece tokenizer")
+    import tokenizers  # a core dependency, imported here because it is only needed for this project
+
     if vocab is not None:
         path = _vocab_file(vocab)
         lowercase = _lowercase_of(path) if lowercase is None else lowercase
