@@ -87,6 +87,12 @@ def test_cosine_with_warmup_reaches_peak_then_min_lr():
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5) and lrs[110] == pytest.approx(0.1)
 
 
+def test_linear_decay_after_warmup():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs = _lrs(build_scheduler(opt, total_steps=12, name="linear", warmup_steps=2), 13)
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0]) and lrs[7] == pytest.approx(0.5) and lrs[12] == 0.0
+
+
 def test_multistep_halves_at_each_milestone():
     opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=2e-4)
     lrs = _lrs(build_scheduler(opt, total_steps=10, name="multistep", milestones=[3, 6], gamma=0.5), 8)

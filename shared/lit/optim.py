@@ -76,7 +76,7 @@ def build_scheduler(
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
 ) -> LRScheduler:
-    """A per-step schedule: `constant`, `cosine` (to `min_lr`), `multistep` (x`gamma` at `milestones`),
+    """A per-step schedule: `constant`, `cosine` or `linear` (BERT) decay to `min_lr`, `multistep` (x`gamma` at `milestones`),
     or `rsqrt` (LRA's linear warm-up then 1/sqrt(step) decay); all with an optional linear warm-up."""
     if warmup_epochs:
         if not steps_per_epoch:
@@ -99,9 +99,12 @@ def build_scheduler(
         if name == "cosine":
             progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
             return floor[group] + (1 - floor[group]) * 0.5 * (1 + math.cos(math.pi * progress))
+        if name == "linear":
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return floor[group] + (1 - floor[group]) * (1 - progress)
         if name == "multistep":
             return gamma ** sum(step >= m for m in milestones)
-        raise ConfigError(f"model.scheduler.name={name!r} is not one of constant, cosine, multistep, rsqrt")
+        raise ConfigError(f"model.scheduler.name={name!r} is not one of constant, cosine, linear, multistep, rsqrt")
 
     factor(0, 0)  # fail on a bad name now, not at the first step
     return LambdaLR(optimizer, [lambda s, g=g: factor(s, g) for g in range(len(base_lrs))])
