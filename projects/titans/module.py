@@ -1,0 +1,107 @@
+"""LightningModule for Titans and its baseline: next-token cross-entropy; perplexity and bits per byte for language
+modelling, exact-match accuracy for the recall tasks (S-NIAH, MQAR)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, SumMetric
+
+from projects.titans.model import MODELS, TitansLM
+from shared.lit.errors import ConfigError
+from shared.lit.module import PaperModule, count_forward_flops
+
+IGNORE = -100
+
+
+def build_model(net: dict[str, Any]) -> TitansLM:
+    """`net = {name: <factory in projects.titans.model.MODELS>, **overrides}`."""
+    net = dict(net)
+    name = net.pop("name", None)
+    if name not in MODELS:
+        raise ConfigError(f"model.net.name must be one of {sorted(MODELS)}, got {name!r}")
+    try:
+        return MODELS[name](**net)
+    except TypeError as exc:
+        raise ConfigError(f"model.net: {exc}") from exc
+
+
+class TitansLitModule(PaperModule):
+    """Args:
+    net: the model, `{name: titans_mac_tiny, **overrides}` (see `projects.titans.model`).
+    task: "lm" (logs loss, ppl, bpb) or "niah" / "mqar" (logs loss and exact-match accuracy over the answers).
+    seq_len: tokens per sample (for the FLOP count).
+    bytes_per_token: converts nats per token into bits per byte (1 for bytes; None: no bpb, e.g. token files).
+    optimizer, scheduler: see `shared.lit.optim`.
+    """
+
+    def __init__(self, net: dict[str, Any], task: str = "lm", seq_len: int = 256, bytes_per_token: float | None = 1.0,
+                 optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None) -> None:
+        super().__init__(optimizer or {"name": "adamw", "lr": 4e-4, "weight_decay": 0.1}, scheduler)
+        self.save_hyperparameters()
+        self.model = build_model(net)
+        self.task, self.seq_len, self.bytes_per_token = task, seq_len, bytes_per_token
+        self.metrics = torch.nn.ModuleDict({
+            f"{split}_{name}": metric() for split in ("val", "test")
+            for name, metric in (("loss", SumMetric), ("tokens", SumMetric), ("correct", SumMetric),
+                                 ("answers", SumMetric), ("token_acc", MeanMetric))})
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
+        x, y = batch
+        logits = self.model(x).float()
+        target = y != IGNORE
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+        hit = (logits.argmax(-1) == y) & target  # (B, T)
+        m = self.metrics
+        m[f"{split}_loss"].update(losses.sum())
+        m[f"{split}_tokens"].update(target.sum())
+        m[f"{split}_token_acc"].update(hit.sum() / target.sum().clamp(min=1), weight=target.sum())
+        # A sample is right when every target of it is (RULER's exact match; all values of an MQAR sample).
+        m[f"{split}_correct"].update(((hit | ~target).all(-1) & target.any(-1)).sum())
+        m[f"{split}_answers"].update(target.any(-1).sum())
+
+    def _log_epoch(self, split: str) -> None:
+        m = self.metrics
+        loss = m[f"{split}_loss"].compute() / m[f"{split}_tokens"].compute().clamp(min=1)
+        values = {"loss": loss, "token_acc": m[f"{split}_token_acc"].compute()}
+        if self.task == "lm":
+            values["ppl"] = loss.exp()
+            if self.bytes_per_token:
+                values["bpb"] = loss / math.log(2) / self.bytes_per_token
+        else:
+            values["acc"] = m[f"{split}_correct"].compute() / m[f"{split}_answers"].compute().clamp(min=1)
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()}, prog_bar=split == "val")
+        for name in ("loss", "tokens", "token_acc", "correct", "answers"):
+            m[f"{split}_{name}"].reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def tokens_in(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return int(batch[0].numel())
+
+    def flops_per_sample(self) -> float:
+        """3 x the forward FLOPs of one sequence (the usual model-FLOPs convention; the backward through the inner
+        gradient costs more than 2x forward, so MFU here is a lower bound on hardware utilisation)."""
+        return 3 * count_forward_flops(self.model, torch.zeros(1, self.seq_len, dtype=torch.long))

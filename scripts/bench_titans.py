@@ -1,0 +1,500 @@
+#!/usr/bin/env python
+"""Titans on one GPU: quality at equal budget, throughput / MFU, and the chunked memory update's speed-up.
+
+Parts (`--parts`, comma-separated; all by default, about 5 minutes on an H200):
+  lm          Transformer++ vs LMM vs MAC vs MAG vs MAL ("small" configs, bf16), the same steps and tokens on the
+              embedded Wikipedia bytes: validation loss, perplexity, bits per byte (Table 1's comparison).
+  ablation    Table 5 on the LMM base: linear memory, w/o convolution, w/o momentum, w/o weight decay,
+              w/o persistent memory, at the same budget; the ordering is compared with the paper's.
+  niah        S-NIAH passkey (Table 2's PK): the lm models are fine-tuned briefly on 1K-byte samples and tested
+              at 1K, 2K, 4K, 8K bytes (exact match of the 7-digit value).
+  throughput  training tokens/s and MFU (bf16) of every variant against Transformer++, and tokens/s against the
+              sequence length at a fixed number of tokens per batch (Figure 9's layout).
+  chunk       the memory update alone (forward + backward): the token loop (the recurrence, b = 1) against the
+              parallel chunked update (dual and materialised forms) at b = 64, and the loop at b = 64 (same math).
+  attention   FlexAttention (compiled) against the SDPA dense-mask path on the GPU, sliding window with prefix and
+              MAC's segmented mask: max difference of outputs and gradients (the CPU tests compare the eager
+              FlexAttention forward and a plain-math reference).
+
+Every part has a share of `--max-seconds` (default 300); an item that would start after its part's share is
+skipped and recorded as such, so the whole run stays near the budget. The quality parts use the SDPA path
+(`--train-backend`, no compilation); the throughput part uses `--attn-backend` (auto = FlexAttention on GPU) and
+falls back to SDPA, saying so, if FlexAttention fails.
+
+Text: `--text <file>` (e.g. ~/.cache/formerlab/wikipedia-*.txt written by shared.data.text.wikipedia_text());
+without it the script builds the text itself (needs gensim) or falls back to Python's pydoc topics.
+Prints compact tables (ratios against the strongest alternative in the run) and writes everything to
+$OUT/titans.json when OUT is set. `--quick` runs tiny sizes on the CPU as a smoke test.
+No hydra / lightning imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from projects.titans.memory import MEMORY_IMPLS, Gates, MemoryState  # noqa: E402
+from projects.titans.model import TitansLM, build_titans  # noqa: E402
+from shared.data.lm import text_splits, unigram_entropy  # noqa: E402
+from shared.data.synthetic.niah import IGNORE, niah_batch, word_list  # noqa: E402
+from shared.lit.flops import peak_tflops  # noqa: E402
+
+VARIANTS = ("transformer", "lmm", "mac", "mag", "mal")
+PART_SHARE = {"lm": 0.28, "ablation": 0.2, "niah": 0.17, "throughput": 0.22, "chunk": 0.08, "attention": 0.05}
+ABLATIONS = {  # Table 5: (name, overrides of the LMM base, paper ppl at 400M / 15B)
+    "LMM": ({}, 27.01),
+    "Linear Memory": ({"memory": {"depth": 1}}, 28.49),
+    "w/o Convolution": ({"memory": {"conv": False}}, 28.73),
+    "w/o Momentum": ({"memory": {"momentum": False}}, 28.98),
+    "w/o Weight Decay": ({"memory": {"forgetting": False}}, 29.04),
+    "w/o Persistent Memory": ({"num_persistent": 0}, 27.63),
+}
+
+
+def load_text(path: str | None) -> str:
+    if path:
+        return Path(path).read_text(encoding="utf-8")
+    try:
+        from shared.data.text import wikipedia_text
+
+        return wikipedia_text()
+    except Exception as exc:  # gensim missing on the GPU machine: use what Python ships
+        print(f"[text] Wikipedia excerpt unavailable ({exc}); using pydoc topics")
+        from shared.data.text import pydoc_text
+
+        return pydoc_text()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+        self.size = "tiny" if args.quick else "small"
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else \
+            torch.autocast("cpu", enabled=False)
+        self.peak = peak_tflops(self.device, "bf16-mixed")
+        self.results: dict[str, Any] = {"device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+                                        "torch": torch.__version__, "size": self.size, "args": vars(args)}
+        self.models: dict[str, TitansLM] = {}
+        self._splits: dict[str, torch.Tensor] | None = None
+        self.part_start = time.perf_counter()
+
+    # -- helpers --
+
+    def model(self, variant: str, **overrides: Any) -> TitansLM:
+        torch.manual_seed(self.args.seed)
+        kw = {"attn_backend": self.args.train_backend, "max_len": max(self.args.niah_lengths + [self.args.seq_len]),
+              **overrides}
+        if variant != "transformer":
+            kw["memory"] = {"chunk_size": self.args.chunk, **kw.get("memory", {})}
+        return build_titans(variant, self.size, **kw).to(self.device)
+
+    @property
+    def splits(self) -> dict[str, torch.Tensor]:
+        if self._splits is None:
+            splits, _, _ = text_splits(load_text(self.args.text), "byte")
+            self.results["unigram_bpb"] = unigram_entropy(splits["train"], 256) / math.log(2)
+            self._splits = {k: torch.from_numpy(v.astype(np.int64)).to(self.device) for k, v in splits.items()}
+        return self._splits
+
+    def lm_batch(self, gen: torch.Generator, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.splits["train"]
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen).to(self.device)
+        idx = starts[:, None] + torch.arange(seq_len + 1, device=self.device)  # (B, T + 1)
+        chunk = data[idx]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def train(self, model: TitansLM, steps: int, next_batch, lr: float) -> dict[str, float]:
+        """AdamW + warm-up + cosine, bf16 autocast, gradient clipping at 1; returns wall time and last losses."""
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=self.device.type == "cuda")
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))))
+        model.train()
+        losses = []
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            x, y = next_batch()
+            with self.amp:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            losses.append(loss.detach())
+        self.sync()
+        tail = torch.stack(losses[-10:]).float().mean().item()
+        return {"train_s": time.perf_counter() - start, "train_loss": tail,
+                "finite": bool(torch.stack(losses).isfinite().all())}
+
+    @torch.no_grad()
+    def val_loss(self, model: TitansLM, seq_len: int, batches: int) -> float:
+        model.eval()
+        data = self.splits["val"]
+        n = min(batches * self.args.batch, (len(data) - 1) // seq_len)
+        total = 0.0
+        for s in range(0, n, self.args.batch):
+            idx = (torch.arange(s, min(s + self.args.batch, n), device=self.device) * seq_len)[:, None] + \
+                torch.arange(seq_len + 1, device=self.device)
+            chunk = data[idx]
+            with self.amp:
+                logits = model(chunk[:, :-1])
+            total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+        return total / (n * seq_len)
+
+    def out_of_time(self, part: str) -> bool:
+        """True once `part` has used its share of --max-seconds (the next item is then skipped)."""
+        return time.perf_counter() - self.part_start > PART_SHARE[part] * self.args.max_seconds
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def forward_flops(self, variant: str, seq_len: int, overrides: dict | None = None) -> float:
+        """Forward FLOPs of one sequence, counted on the meta device."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        kw = dict(overrides or {})
+        if variant != "transformer":
+            kw["memory"] = {"chunk_size": self.args.chunk}
+        with torch.device("meta"):
+            model = build_titans(variant, self.size, max_len=seq_len, **kw)
+            idx = torch.zeros(1, seq_len, dtype=torch.long)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(idx)
+        return float(counter.get_total_flops())
+
+    # -- parts --
+
+    def part_lm(self) -> None:
+        a = self.args
+        rows = {}
+        for variant in VARIANTS:
+            if self.out_of_time("lm"):
+                rows[variant] = {"skipped": "time budget"}
+                continue
+            try:
+                model = self.model(variant)
+                gen = torch.Generator().manual_seed(a.seed)
+                stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr)
+                loss = self.val_loss(model, a.seq_len, a.val_batches)
+                rows[variant] = {"params": sum(p.numel() for p in model.parameters()), **stats, "val_loss": loss,
+                                 "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
+                self.models[variant] = model
+            except Exception as exc:  # keep the other variants' numbers
+                rows[variant] = {"error": repr(exc)[:300]}
+            print(f"[lm] {variant}: {rows[variant]}", flush=True)
+        self.results["lm"] = rows
+        ok = {k: v for k, v in rows.items() if "val_bpb" in v}
+        if ok:
+            best = min(v["val_bpb"] for v in ok.values())
+            print(f"\nLM, byte level, {a.steps} steps x {a.batch} x {a.seq_len} tokens "
+                  f"(unigram {self.results['unigram_bpb']:.3f} bpb)")
+            print(f"{'model':12s} {'params':>9s} {'val bpb':>8s} {'val ppl':>8s} {'vs best':>8s} {'train s':>8s}")
+            for k, v in ok.items():
+                print(f"{k:12s} {v['params'] / 1e6:8.2f}M {v['val_bpb']:8.4f} {v['val_ppl']:8.3f} "
+                      f"{v['val_bpb'] / best:8.3f} {v['train_s']:8.1f}")
+
+    def part_ablation(self) -> None:
+        a = self.args
+        rows = {}
+        for name, (overrides, paper) in ABLATIONS.items():
+            if self.out_of_time("ablation"):
+                rows[name] = {"skipped": "time budget", "paper_ppl": paper}
+                continue
+            try:
+                if name == "LMM" and "lmm" in self.models and "lm" in self.results:
+                    loss = self.results["lm"]["lmm"]["val_loss"]
+                else:
+                    model = self.model("lmm", **overrides)
+                    gen = torch.Generator().manual_seed(a.seed)
+                    self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr)
+                    loss = self.val_loss(model, a.seq_len, a.val_batches)
+                    del model
+                rows[name] = {"val_loss": loss, "val_bpb": loss / math.log(2), "paper_ppl": paper}
+            except Exception as exc:
+                rows[name] = {"error": repr(exc)[:300], "paper_ppl": paper}
+            print(f"[ablation] {name}: {rows[name]}", flush=True)
+        ok = {k: v for k, v in rows.items() if "val_bpb" in v}
+        ours = sorted(ok, key=lambda k: ok[k]["val_bpb"])
+        paper = sorted(ok, key=lambda k: ok[k]["paper_ppl"])
+        self.results["ablation"] = {"rows": rows, "order_ours": ours, "order_paper": paper,
+                                    "kendall_tau": kendall_tau(ours, paper)}
+        if ok:
+            base = ok.get("LMM", {}).get("val_bpb")
+            print(f"\nTable 5 ablations (LMM base), {a.steps} steps; Kendall tau of the orderings "
+                  f"{self.results['ablation']['kendall_tau']:.2f}")
+            print(f"{'variant':22s} {'val bpb':>8s} {'vs LMM':>7s} {'paper ppl':>9s}")
+            for k in ours:
+                rel = ok[k]["val_bpb"] / base if base else float("nan")
+                print(f"{k:22s} {ok[k]['val_bpb']:8.4f} {rel:7.3f} {ok[k]['paper_ppl']:9.2f}")
+
+    def part_niah(self) -> None:
+        a = self.args
+        text = load_text(a.text)
+        words = word_list(text)
+        rows = {}
+        for variant in VARIANTS:
+            if self.out_of_time("niah"):
+                rows[variant] = {"skipped": "time budget"}
+                continue
+            try:
+                model = self.models.get(variant) or self.model(variant)
+                gen = np.random.default_rng(a.seed)
+
+                def batch(gen: np.random.Generator = gen) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed = int(gen.integers(1 << 30))
+                    x, y = niah_batch("passkey", a.niah_train_len, a.niah_batch, seed, text, words)
+                    return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+                stats = self.train(model, a.niah_steps, batch, a.lr / 2)
+                rows[variant] = {**stats, "acc": {L: self.niah_accuracy(model, L, text, words) for L in a.niah_lengths}}
+            except Exception as exc:
+                rows[variant] = {"error": repr(exc)[:300]}
+            print(f"[niah] {variant}: {rows[variant]}", flush=True)
+        self.results["niah"] = rows
+        print(f"\nS-NIAH passkey accuracy (%) after {a.niah_steps} fine-tuning steps at {a.niah_train_len} bytes")
+        print(f"{'model':12s} " + " ".join(f"{L:>7d}" for L in a.niah_lengths))
+        for k, v in rows.items():
+            if "acc" in v:
+                print(f"{k:12s} " + " ".join(f"{100 * v['acc'][L]:7.1f}" for L in a.niah_lengths))
+
+    @torch.no_grad()
+    def niah_accuracy(self, model: TitansLM, length: int, text: str, words: list[str]) -> float:
+        model.eval()
+        correct = 0
+        per_batch = max(1, min(self.args.niah_batch, (8 * 1024) // length * 2))
+        for start in range(0, self.args.niah_eval, per_batch):
+            n = min(per_batch, self.args.niah_eval - start)
+            x, y = niah_batch("passkey", length, n, 10_000 + start + length, text, words)
+            x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+            with self.amp:
+                pred = model(x).argmax(-1)
+            target = y != IGNORE
+            correct += int(((pred == y) | ~target).all(-1).sum())
+        return correct / self.args.niah_eval
+
+    def step_time(self, model: TitansLM, batch: int, seq_len: int, iters: int) -> float:
+        """Median seconds of one training step (forward, backward, AdamW) after warm-up."""
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
+        x = torch.randint(0, 256, (batch, seq_len), device=self.device)
+        times = []
+        for i in range(iters + 2):
+            self.sync()
+            t = time.perf_counter()
+            with self.amp:
+                loss = model(x).float().logsumexp(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.sync()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    def part_throughput(self) -> None:
+        a = self.args
+        rows: dict[str, dict[int, dict[str, float]]] = {variant: {} for variant in VARIANTS}
+        for seq_len in a.seq_lens:  # shortest first: a run out of time loses the longest lengths of every variant
+            for variant in VARIANTS:
+                batch = max(1, a.tokens_per_batch // seq_len)
+                if self.out_of_time("throughput"):
+                    rows[variant][seq_len] = {"skipped": "time budget"}
+                    continue
+                for backend in dict.fromkeys([a.attn_backend, "sdpa"]):  # FlexAttention, else the SDPA path
+                    try:
+                        model = self.model(variant, max_len=seq_len, attn_backend=backend)
+                        sec = self.step_time(model, batch, seq_len, a.iters)
+                        flops = 3 * self.forward_flops(variant, seq_len) * batch
+                        rows[variant][seq_len] = {"tokens_per_s": batch * seq_len / sec, "step_s": sec,
+                                                  "tflops": flops / sec / 1e12, "backend": backend,
+                                                  "mfu": flops / sec / 1e12 / self.peak if self.peak else float("nan")}
+                        del model
+                        break
+                    except Exception as exc:
+                        rows[variant][seq_len] = {"error": f"{backend}: {exc!r}"[:300]}
+                print(f"[throughput] {variant} T={seq_len}: {rows[variant][seq_len]}", flush=True)
+        self.results["throughput"] = rows
+        print(f"\nTraining throughput, bf16, {a.tokens_per_batch} tokens per batch (Figure 9 layout): "
+              "ktokens/s (MFU %), ratio to Transformer++")
+        print(f"{'model':12s} " + " ".join(f"{'T=' + str(t):>20s}" for t in a.seq_lens))
+        for variant, by_len in rows.items():
+            cells = []
+            for t in a.seq_lens:
+                r, base = by_len.get(t, {}), rows["transformer"].get(t, {})
+                if "tokens_per_s" not in r:
+                    cells.append(f"{'error':>20s}")
+                    continue
+                ratio = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else float("nan")
+                cells.append(f"{r['tokens_per_s'] / 1e3:8.1f} ({100 * r['mfu']:4.1f}) x{ratio:4.2f}")
+            print(f"{variant:12s} " + " ".join(cells))
+
+    def part_chunk(self) -> None:
+        """The memory update alone: B*H memories of head_dim 64, a 2-layer MLP memory (expansion 2)."""
+        a = self.args
+        d = 16 if a.quick else 64
+        bh = 4 if a.quick else 48
+        rows = {}
+        for t in a.chunk_lens:
+            if self.out_of_time("chunk"):
+                break
+            torch.manual_seed(0)
+            dev = self.device
+            weights = tuple(torch.randn(bh, m, n, device=dev).div(m ** 0.5).requires_grad_()
+                            for m, n in ((d, 2 * d), (2 * d, d)))
+            state = MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
+            k = F.normalize(torch.randn(bh, t, d, device=dev), dim=-1).requires_grad_()
+            v, q = torch.randn(bh, t, d, device=dev).requires_grad_(), torch.randn(bh, t, d, device=dev)
+            gates = Gates(torch.full((bh, t), 0.02, device=dev), F.logsigmoid(torch.zeros(bh, t, device=dev)),
+                          F.logsigmoid(torch.full((bh, t), 4.0, device=dev)))
+            cases = {"token loop b=1 (recurrence)": ("reference", 1), f"token loop b={a.chunk}": ("reference", a.chunk),
+                     f"materialized b={a.chunk}": ("materialized", a.chunk), f"dual b={a.chunk}": ("dual", a.chunk)}
+            rows[t] = {}
+            for name, (impl, b) in cases.items():
+                if impl == "reference" and self.out_of_time("chunk"):
+                    rows[t][name] = float("nan")
+                    continue
+                try:
+                    rows[t][name] = self.time_memory(MEMORY_IMPLS[impl], state, k, v, q, gates, b)
+                except Exception as exc:
+                    rows[t][name] = float("nan")
+                    print(f"[chunk] {name}: {exc!r}"[:300])
+            print(f"[chunk] T={t}: {rows[t]}", flush=True)
+        self.results["chunk"] = rows
+        print(f"\nMemory update forward+backward, {bh} memories x head_dim {d}, seconds (speed-up vs the token loop)")
+        for t, r in rows.items():
+            loop = r["token loop b=1 (recurrence)"]  # NaN when skipped: then no ratio
+            print(f"T={t:6d} " + "  ".join(f"{k}: {s * 1e3:.1f} ms (x{loop / s:.1f})" for k, s in r.items()))
+
+    def part_attention(self) -> None:
+        """Compiled FlexAttention vs the SDPA dense-mask path (values and gradients), on the GPU only."""
+        from shared.blocks.attention.segmented import segmented_attention
+        from shared.blocks.attention.sliding_window import sliding_window_attention
+
+        if self.device.type != "cuda":
+            print("[attention] needs CUDA (the CPU comparison is in tests/test_sliding_window.py)")
+            return
+        torch.manual_seed(0)
+        rows = {}
+        t, seg, n_p = 2048, 256, 4
+        cases = {
+            "sliding window 256 + prefix 4": (lambda q, k, v, be: sliding_window_attention(q, k, v, 256, n_p, be), t),
+            "segmented 256, aligned memory": (
+                lambda q, k, v, be: segmented_attention(q, k, v, seg, n_p, seg, True, be), n_p + 2 * t),
+        }
+        for name, (fn, n_kv) in cases.items():
+            for dtype in (torch.float32, torch.bfloat16):
+                q = torch.randn(2, 6, t, 64, device=self.device, dtype=dtype, requires_grad=True)
+                k = torch.randn(2, 6, n_kv, 64, device=self.device, dtype=dtype, requires_grad=True)
+                v = torch.randn(2, 6, n_kv, 64, device=self.device, dtype=dtype, requires_grad=True)
+                outs = {}
+                for backend in ("flex", "sdpa"):
+                    try:
+                        o = fn(q, k, v, backend)
+                        g = torch.autograd.grad(o.float().square().sum(), (q, k, v))
+                        outs[backend] = (o.float(), [x.float() for x in g])
+                    except Exception as exc:
+                        outs[backend] = repr(exc)[:300]
+                key = f"{name} {str(dtype).split('.')[-1]}"
+                if all(isinstance(x, tuple) for x in outs.values()):
+                    (o1, g1), (o2, g2) = outs["flex"], outs["sdpa"]
+                    rows[key] = {"max_abs_out": (o1 - o2).abs().max().item(),
+                                 "max_rel_grad": max(((a - b).norm() / b.norm()).item() for a, b in zip(g1, g2))}
+                else:
+                    rows[key] = {b: x for b, x in outs.items() if isinstance(x, str)}
+                print(f"[attention] {key}: {rows[key]}", flush=True)
+        self.results["attention"] = rows
+
+    def time_memory(self, fn, state, k, v, q, gates, b) -> float:
+        times = []
+        for i in range(1 + self.args.chunk_iters):
+            self.sync()
+            t = time.perf_counter()
+            with self.amp:
+                reads, _ = fn(state, k, v, q, gates, b)
+            reads.float().square().mean().backward()
+            self.sync()
+            if i:
+                times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+
+def kendall_tau(a: list[str], b: list[str]) -> float:
+    """Rank agreement of two orderings of the same items (1: identical, -1: reversed)."""
+    pos = {k: i for i, k in enumerate(b)}
+    n, s = len(a), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            s += 1 if pos[a[i]] < pos[a[j]] else -1
+    return s / max(1, n * (n - 1) // 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="lm,ablation,niah,throughput,chunk,attention")
+    p.add_argument("--max-seconds", type=float, default=300, help="total budget, shared among the parts")
+    p.add_argument("--text", default=None, help="a text file (the cached Wikipedia excerpt)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (smoke test)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--chunk", type=int, default=64, help="memory chunk size b")
+    p.add_argument("--val-batches", type=int, default=16)
+    p.add_argument("--niah-steps", type=int, default=60)
+    p.add_argument("--niah-batch", type=int, default=8)
+    p.add_argument("--niah-train-len", type=int, default=1024)
+    p.add_argument("--niah-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192])
+    p.add_argument("--niah-eval", type=int, default=32)
+    p.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192])
+    p.add_argument("--tokens-per-batch", type=int, default=32768)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--chunk-lens", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048])
+    p.add_argument("--chunk-iters", type=int, default=2)
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "flex", "sdpa"], help="throughput part")
+    p.add_argument("--train-backend", default="sdpa", choices=["auto", "flex", "sdpa"], help="quality parts")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.batch, args.seq_len, args.val_batches, args.chunk = 3, 2, 64, 1, 16
+        args.niah_steps, args.niah_batch, args.niah_train_len = 2, 2, 256
+        args.niah_lengths, args.niah_eval = [256, 512], 2
+        args.seq_lens, args.tokens_per_batch, args.iters = [64, 128], 256, 1
+        args.chunk_lens, args.chunk_iters = [64], 1
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch._dynamo.config.cache_size_limit = 64  # one compiled FlexAttention per mask and length
+    bench = Bench(args)
+    start = time.perf_counter()
+    for part in args.parts.split(","):
+        part = part.strip()
+        bench.part_start = time.perf_counter()
+        getattr(bench, f"part_{part}")()
+        bench.results.setdefault("seconds", {})[part] = time.perf_counter() - bench.part_start
+    bench.results["total_s"] = time.perf_counter() - start
+    print(f"\ntotal {bench.results['total_s']:.0f} s")
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "titans.json"
+        path.write_text(json.dumps(bench.results, indent=1, default=str))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Language-modelling data: fixed-length windows over a token stream, from embedded text or token files.
+
+Two sources give the same kind of stream (a 1-D integer array per split):
+
+- `text_splits(text, level)`: a text (e.g. `shared.data.text.wikipedia_text()`) encoded as UTF-8 bytes
+  (`level="byte"`, vocabulary 256) or as characters (`level="char"`, vocabulary = the sorted characters of the
+  whole text), split by position into contiguous train / val / test parts (no window crosses a split).
+- `token_file_splits(root, dtype)`: nanoGPT's binary layout, the one its `prepare.py` scripts write for
+  OpenWebText / FineWeb-Edu: `<root>/train.bin` and `<root>/val.bin` (and optionally `<root>/test.bin`), each a
+  flat array of token ids with no header, `uint16` (vocabulary < 65,536, e.g. GPT-2) or `uint32` (larger, e.g.
+  Llama-3). They are opened with `np.memmap`, so corpora larger than memory work.
+
+`LMWindows` turns a stream into (input, target) pairs of `seq_len` tokens, the target shifted by one. Training
+windows start at a random offset drawn from the per-sample generator of `shared.data.loading` (exact resume);
+evaluation windows tile the split without overlap, in order.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from shared.data.loading import SampleKey, sample_rng
+from shared.lit.errors import ConfigError, DatasetError
+
+SPLITS = ("train", "val", "test")
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+class CharVocab:
+    """The sorted distinct characters of a text; id i is the i-th character."""
+
+    def __init__(self, text: str) -> None:
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.fromiter((self.index[c] for c in text), dtype=np.int32 if len(self) > 65535 else np.uint16,
+                           count=len(text))
+
+    def decode(self, ids: np.ndarray | list[int]) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+def split_bounds(length: int, fractions: tuple[float, float, float]) -> dict[str, tuple[int, int]]:
+    """[start, end) of each split of a stream of `length` tokens: train first, then val, then test."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
+        raise ConfigError(f"data.split must be three non-negative fractions summing to 1 (train, val, test), "
+                          f"got {fractions}")
+    n_train = int(length * fractions[0])
+    n_val = int(length * fractions[1])
+    return {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, length)}
+
+
+def text_splits(text: str, level: str = "byte", fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
+                ) -> tuple[dict[str, np.ndarray], int, float]:
+    """Encode `text` and split it by position.
+
+    Returns (splits, vocab_size, bytes_per_token): `bytes_per_token` converts a loss in nats per token to
+    bits per byte (bpb = loss / ln 2 / bytes_per_token); it is 1 for byte level.
+    """
+    if level == "byte":
+        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        vocab, bytes_per_token = 256, 1.0
+    elif level == "char":
+        char_vocab = CharVocab(text)
+        ids, vocab = char_vocab.encode(text), len(char_vocab)
+        bytes_per_token = len(text.encode("utf-8")) / max(len(text), 1)
+    else:
+        raise ConfigError(f"data.level must be 'byte' or 'char', got '{level}'")
+    bounds = split_bounds(len(ids), tuple(fractions))
+    return {name: ids[a:b] for name, (a, b) in bounds.items()}, vocab, bytes_per_token
+
+
+def token_file_splits(root: str | Path, dtype: str = "uint16") -> dict[str, np.ndarray]:
+    """Memory-map nanoGPT token files `<root>/{train,val[,test]}.bin` (headerless `dtype` arrays).
+
+    Without test.bin the val split doubles as the test split (nanoGPT has no test file).
+    """
+    if dtype not in TOKEN_DTYPES:
+        raise ConfigError(f"data.dtype must be one of {sorted(TOKEN_DTYPES)}, got '{dtype}'")
+    root = Path(root).expanduser()
+    layout = (f"expected nanoGPT token files {root}/train.bin and {root}/val.bin (optional test.bin): "
+              f"flat {dtype} arrays")
+    if not root.is_dir():
+        raise DatasetError(f"token directory {root} does not exist; {layout}")
+    np_dtype = np.dtype(TOKEN_DTYPES[dtype])
+    splits: dict[str, np.ndarray] = {}
+    for name in SPLITS:
+        path = root / f"{name}.bin"
+        if not path.is_file():
+            if name == "test" and "val" in splits:
+                splits["test"] = splits["val"]
+                continue
+            raise DatasetError(f"missing {path}; {layout}")
+        size = path.stat().st_size
+        if size == 0 or size % np_dtype.itemsize:
+            raise DatasetError(f"{path} has {size} bytes, not a whole number of {dtype} tokens; {layout}")
+        splits[name] = np.memmap(path, dtype=np_dtype, mode="r")
+    return splits
+
+
+class LMWindows(Dataset):
+    """(x, y) windows of `seq_len` tokens over a 1-D token stream, y = x shifted left by one.
+
+    Args:
+        tokens: the split's token ids (ndarray or memmap).
+        seq_len: tokens per window.
+        train: random window starts drawn from the sample's generator; otherwise tiling windows in order.
+        num_samples: windows per epoch when training (default: as many as tile the split once).
+        name: used in error messages (e.g. the split's file).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, train: bool, num_samples: int | None = None,
+                 name: str = "tokens") -> None:
+        if len(tokens) < seq_len + 1:
+            raise DatasetError(f"{name} has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+        self.tokens, self.seq_len, self.train = tokens, seq_len, train
+        self.num_windows = (len(tokens) - 1) // seq_len
+        self.num_samples = num_samples if train and num_samples else self.num_windows
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor]:
+        index, rng = sample_rng(key)
+        if self.train:
+            start = int(rng.integers(0, len(self.tokens) - self.seq_len))
+        else:
+            start = index * self.seq_len
+        chunk = torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats per token) of the unigram distribution of `tokens`: the loss of the best context-free model,
+    the baseline a language model must beat."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
