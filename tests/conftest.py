@@ -13,6 +13,10 @@ import torch
 # Triton kernels run on the CPU under its interpreter; this must be set before anything imports Triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# One intra-op thread per process: on a 2-core machine two OpenMP threads per process (and the 2-process DDP
+# tests) oversubscribe the cores and spin against each other, 10-40x slower when anything else runs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONF = REPO / "tests" / "conf"

@@ -450,17 +450,7 @@ def test_module_loads_pretrained_weights_once_when_training_starts(tmp_path):
         wrong.setup("fit")
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model's matrices gain nothing from a second intra-op thread, and on a shared CPU its barrier waits
-    made this test ten times slower (200 s instead of 20 s on the 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_short_pretraining_beats_chance(tmp_path, cache, one_thread):
+def test_short_pretraining_beats_chance(tmp_path, cache):
     """Masked-LM loss on held-out sentences falls well below chance (ln vocab) within 120 steps."""
     import lightning.pytorch as pl
 

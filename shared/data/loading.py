@@ -36,15 +36,24 @@ class ShardedSampler(Sampler[SampleKey]):
     of samples (as `DistributedSampler` does); each sample comes with its own seed. Evaluation: indices in order,
     rank r takes r, r + world, ... (no duplicates, so metrics reduced over ranks count every sample once).
 
+    Repeated augmentation (`repeats` > 1; Hoffer et al. 2020, DeiT's `RASampler`): every index of the epoch's
+    permutation appears `repeats` times in a row and the list is dealt round-robin over ranks, so the copies of one
+    image land in the same global batch on different ranks, each with its own augmentation seed. Each rank keeps
+    `length // world` samples rounded down to a multiple of 256, as DeiT does, so an epoch keeps about `length`
+    samples and sees about 1/`repeats` of the images.
+
     `progress`, when given, is asked at the start of every pass for (epoch, batches of this epoch already
     trained); a pass then starts after those batches. Reading it when the pass starts, not when the loader is
     built, is what makes a mid-epoch resume continue exactly where the interrupted run stopped.
     """
 
     def __init__(self, length: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1, progress: Callable[[], tuple[int, int]] | None = None) -> None:
+                 batch_size: int = 1, repeats: int = 1, progress: Callable[[], tuple[int, int]] | None = None) -> None:
+        if repeats > 1 and not shuffle:
+            raise ValueError("repeated augmentation is for training (shuffle=True) only")
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.repeats = repeats
         self.progress = progress
         self.epoch = 0
 
@@ -55,13 +64,16 @@ class ShardedSampler(Sampler[SampleKey]):
         if not self.shuffle:
             return np.arange(self.rank, self.length, self.world_size)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
-        per_rank = -(-self.length // self.world_size)
+        order = np.repeat(order, self.repeats)  # (length * repeats,) each index `repeats` times in a row
+        per_rank = -(-len(order) // self.world_size)
         order = np.resize(order, per_rank * self.world_size)  # wrap-around padding
-        return order[self.rank :: self.world_size]
+        return order[self.rank :: self.world_size][: len(self)]
 
     def __len__(self) -> int:
         if not self.shuffle:
             return len(range(self.rank, self.length, self.world_size))
+        if self.repeats > 1 and self.length // 256 * 256 // self.world_size > 0:
+            return self.length // 256 * 256 // self.world_size
         return -(-self.length // self.world_size)
 
     def __iter__(self) -> Iterator[SampleKey]:
@@ -90,8 +102,10 @@ def make_loader(
     trainer: Any = None,
     collate_fn: Callable | None = None,
     drop_last: bool | None = None,
+    repeats: int = 1,
 ) -> DataLoader:
-    """A DataLoader over this rank's shard of `dataset` (see the module docstring).
+    """A DataLoader over this rank's shard of `dataset` (see the module docstring); `repeats` > 1 turns on
+    repeated augmentation for training (see `ShardedSampler`).
 
     Pass the Lightning trainer (`self.trainer` in a DataModule): the loader then knows the rank, the epoch and,
     after a mid-epoch resume, which batches of the current epoch were already trained on.
@@ -99,7 +113,7 @@ def make_loader(
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     progress = _training_progress(trainer) if train and trainer is not None else None
     sampler = ShardedSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, repeats=repeats, progress=progress)
     return ResumableDataLoader(
         dataset,
         batch_size=batch_size,

@@ -54,6 +54,9 @@ def _run(cfg: DictConfig) -> float | None:
     callbacks = [build(f"callbacks.{name}", node) for name, node in cfg.get("callbacks", {}).items() if node]
     loggers = [build(f"logger.{name}", node) for name, node in cfg.get("logger", {}).items() if node]
     trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.strategy.root_device.type == "cpu" and trainer.world_size > 1:
+        # CPU ranks share the cores: without this each would start one thread per core and oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
 
     config = OmegaConf.to_container(cfg, resolve=True)
     if trainer.is_global_zero:
