@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from shared.lit.registry import CONF_DIR, available_projects
 
@@ -32,7 +32,12 @@ def compose_config(overrides: list[str], tmp_path: Path):
     return cfg
 
 
-def instantiate_all(cfg) -> None:
+def instantiate_all(cfg, tmp_path: Path) -> None:
+    with open_dict(cfg):
+        for key in ("root", "weights", "pretrained"):  # paths a user must give for real data or weights
+            for section in (cfg.data, cfg.model):
+                if key in section and (OmegaConf.is_missing(section, key) or (key == "root" and section[key] is None)):
+                    section[key] = str(tmp_path / key)
     with torch.device("meta"):
         module = instantiate(cfg.model, _convert_="all")
     assert sum(p.numel() for p in module.parameters()) > 0
@@ -49,14 +54,14 @@ def instantiate_all(cfg) -> None:
 def test_project_config_instantiates(project, tmp_path):
     cfg = compose_config([f"project={project}"], tmp_path)
     assert cfg.project.name == project
-    instantiate_all(cfg)
+    instantiate_all(cfg, tmp_path)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_config_instantiates(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     assert cfg.project.name == experiment.split("/")[0], "an experiment must select its own project"
-    instantiate_all(cfg)
+    instantiate_all(cfg, tmp_path)
 
 
 @pytest.mark.parametrize("project", sorted(available_projects()))

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from shared.lit.errors import CheckpointError, FormerlabError
 from shared.lit.logging import get_logger, route_lightning_logs_through_hydra
@@ -48,7 +48,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def load_module(cfg: DictConfig, weights: Path) -> Any:
     """The project's module holding `weights`: a Lightning checkpoint rebuilds the module from its own saved
-    hyper-parameters; anything else goes through the module's `load_pretrained` (official weights)."""
+    hyper-parameters; anything else (official weights) is handed to the module as its `pretrained` argument."""
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     module_cls = get_class(cfg.model._target_)
     if isinstance(checkpoint, dict) and "pytorch-lightning_version" in checkpoint:
@@ -58,11 +58,13 @@ def load_module(cfg: DictConfig, weights: Path) -> Any:
         except RuntimeError as err:
             raise CheckpointError(f"{weights} is not a checkpoint of {cfg.model._target_}: {str(err)[:300]}") from None
         return module
-    module = build("model", cfg.model)
-    if not hasattr(module, "load_pretrained"):
-        raise CheckpointError(f"{weights} is not a Lightning checkpoint, and {cfg.model._target_} loads no other weights")
-    module.load_pretrained(str(weights))
-    return module
+    if "pretrained" not in cfg.model:
+        raise CheckpointError(
+            f"{weights} is not a Lightning checkpoint, and {cfg.model._target_} loads no other weights"
+        )
+    with open_dict(cfg):
+        cfg.model.pretrained = str(weights)
+    return build("model", cfg.model)
 
 
 def _plain_table(results: dict[str, float]) -> str:
