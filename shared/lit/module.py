@@ -3,7 +3,7 @@
 A project's module takes plain values only (numbers, strings, lists, dicts of those), builds its `nn.Module`
 from them, and calls `self.save_hyperparameters()`; checkpoints then load with `weights_only=True` and resume.
 The base class turns the `optimizer` / `scheduler` dicts into an optimiser and a per-step schedule, and gives
-the throughput callback what it needs (`samples_in`, `tokens_in`, `flops_per_sample`).
+the throughput callback what it needs (`flops_per_sample`; projects may add `samples_in`, `tokens_in`).
 """
 
 from __future__ import annotations
@@ -47,14 +47,8 @@ class PaperModule(pl.LightningModule):
                                     **self.scheduler_config)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # What the throughput callback reads; projects override where the defaults are wrong.
-    def samples_in(self, batch: Any) -> int:
-        first = batch[0] if isinstance(batch, list | tuple) else next(iter(batch.values())) if isinstance(batch, dict) else batch
-        return int(first.shape[0])
-
-    def tokens_in(self, batch: Any) -> int | None:
-        return None
-
+    # The throughput callback also reads `samples_in(batch)` and `tokens_in(batch)` when a project defines them
+    # (default: the first tensor's batch dimension, no tokens).
     def flops_per_sample(self) -> float | None:
         """Training FLOPs (forward + backward) of one sample, or None when the project does not declare them."""
         return None

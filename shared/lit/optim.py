@@ -76,8 +76,8 @@ def build_scheduler(
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
 ) -> LRScheduler:
-    """A per-step schedule: `constant`, `cosine` or `linear` (BERT) decay to `min_lr`, `multistep` (x`gamma` at `milestones`),
-    or `rsqrt` (LRA's linear warm-up then 1/sqrt(step) decay); all with an optional linear warm-up."""
+    """A per-step schedule: `constant`; `cosine` or `linear` (BERT) decay to `min_lr`; `multistep` (x`gamma` at
+    `milestones`); `rsqrt` (LRA's linear warm-up then 1/sqrt(step) decay). All with an optional linear warm-up."""
     if warmup_epochs:
         if not steps_per_epoch:
             raise ConfigError("model.scheduler.warmup_epochs needs an epoch-based run (trainer.max_epochs)")
@@ -91,7 +91,8 @@ def build_scheduler(
 
     def factor(step: int, group: int) -> float:
         if name == "rsqrt":
-            return min(1.0, (step + 1) / max(warmup_steps, 1)) * math.sqrt(max(warmup_steps, 1) / max(step + 1, warmup_steps, 1))
+            warmup = max(warmup_steps, 1)
+            return min(1.0, (step + 1) / warmup) * math.sqrt(warmup / max(step + 1, warmup))
         if step < warmup_steps:
             return warm(step)
         if name == "constant":
