@@ -17,8 +17,11 @@ from omegaconf import OmegaConf, open_dict
 
 from shared.lit.registry import CONF_DIR, available_projects
 
+# Files starting with `_` are pieces that experiments include, not experiments.
 EXPERIMENTS = sorted(
-    str(p.relative_to(CONF_DIR / "experiment").with_suffix("")) for p in (CONF_DIR / "experiment").rglob("*.yaml")
+    str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
+    for p in (CONF_DIR / "experiment").rglob("*.yaml")
+    if not p.name.startswith("_")
 )
 
 
