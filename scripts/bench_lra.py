@@ -1,0 +1,365 @@
+#!/usr/bin/env python
+"""Long Range Arena on one GPU, plain PyTorch (no Hydra, no Lightning).
+
+Speed (the paper's Table 2 layout): training steps per second and peak memory of the Text-task Transformer
+(4 layers, 256 wide, batch 32) with each attention variant at sequence lengths 1K-4K, bf16 autocast, one run:
+
+    python scripts/bench_lra.py                       # all variants, 1024..4096
+    python scripts/bench_lra.py --quick               # a tiny CPU smoke run
+
+Training (reproduction of the paper's Transformer row on generated data, bf16, a wall-clock budget):
+
+    python scripts/bench_lra.py --train listops --minutes 4         # target: within 2 points of 36.37
+    python scripts/bench_lra.py --train pathfinder32 --minutes 4    # target: >= 71.40
+
+ListOps follows the official recipe (96k/2k/2k generated examples, batch 32, 5,000 steps, Adam(0.9, 0.98, 1e-9),
+weight decay 0.1, linear warm-up 1,000 then rsqrt decay, peak lr 0.05 / sqrt(1000)) and stops early only if the
+budget runs out. Pathfinder-32 follows its recipe (batch 512, lr 1e-3, one epoch of warm-up, cosine decay, no
+weight decay) with as many steps as the budget allows after a timed warm-up; the official run is 200 epochs of
+160k images, far more than a few minutes. Data generation runs on every CPU core and its rate is printed;
+generated data is cached (`FORMERLAB_CACHE`, default ~/.cache/formerlab).
+
+Results go to stdout and, when `OUT` is set, to $OUT/bench_lra.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from projects.lra import tasks  # noqa: E402
+from projects.lra.model import create_model  # noqa: E402
+from shared.data.synthetic import listops  # noqa: E402
+from shared.lit.optim import build_optimizer, build_scheduler  # noqa: E402
+
+VARIANTS = {
+    "softmax": {"name": "softmax"},
+    "local": {"name": "local", "block_size": 50},
+    "linformer": {"name": "linformer", "k": 16},
+    "linear": {"name": "linear"},
+    "performer": {"name": "performer", "nb_features": 256},
+}
+PAPER_TABLE2 = {  # Transformer, steps/s and GB at 1K/2K/3K/4K (the paper's Table 2, TPU v3; from memory, see README)
+    "softmax": {"steps_per_s": [8.1, 4.9, 2.3, 1.4], "memory_gb": [0.85, 2.65, 5.51, 9.48]},
+}
+
+
+def cuda_time(fn, iters: int) -> float:
+    """Median seconds of `fn()` over `iters` calls, timed with CUDA events (wall clock on CPU)."""
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed and memory
+
+
+def time_variant(variant: str, n: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Median training-step time and peak memory of the Text-task model with `variant` at length `n`."""
+    torch.manual_seed(0)
+    kwargs = dict(max_len=n, attention=VARIANTS[variant])
+    if args.quick:
+        kwargs.update(emb_dim=32, qkv_dim=32, mlp_dim=64, num_layers=1)
+    model = create_model("text_transformer", **kwargs).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(1, 257, (args.batch, n), device=device)
+    targets = torch.randint(0, 2, (args.batch,), device=device)
+
+    def step() -> None:
+        with autocast(device):
+            loss = F.cross_entropy(model(tokens).float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(args.warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        seconds = cuda_time(step, args.iters)
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        return {"steps_per_s": 1.0 / seconds, "memory_gb": memory}
+    except torch.OutOfMemoryError:
+        return {"steps_per_s": float("nan"), "memory_gb": float("inf")}
+
+
+def bench_speed(args: argparse.Namespace, device: torch.device) -> dict:
+    lengths = [int(n) for n in args.lengths.split(",")]
+    variants = args.variants.split(",")
+    results: dict[str, dict[int, dict]] = {}
+    for variant in variants:
+        results[variant] = {}
+        for n in lengths:
+            results[variant][n] = time_variant(variant, n, args, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"  {variant:<10} N={n:<5} {results[variant][n]['steps_per_s']:8.2f} steps/s "
+                  f"{results[variant][n]['memory_gb']:7.2f} GB", flush=True)
+
+    base = results.get("softmax")
+    print(f"\nLRA Table 2 layout: Text task model, batch {args.batch}, bf16, {device} "
+          f"(speed-up and memory relative to softmax/SDPA in this run)")
+    header = "".join(f"{n:>16}" for n in lengths)
+    print(f"{'steps/s':<12}{header}")
+    for variant in variants:
+        cells = []
+        for n in lengths:
+            r = results[variant][n]
+            ratio = f" ({r['steps_per_s'] / base[n]['steps_per_s']:.2f}x)" if base and variant != "softmax" else ""
+            cells.append(f"{r['steps_per_s']:.2f}{ratio}".rjust(16))
+        print(f"{variant:<12}{''.join(cells)}")
+    print(f"{'memory GB':<12}{header}")
+    for variant in variants:
+        cells = []
+        for n in lengths:
+            r = results[variant][n]
+            ratio = f" ({r['memory_gb'] / base[n]['memory_gb']:.2f}x)" if base and variant != "softmax" else ""
+            cells.append(f"{r['memory_gb']:.2f}{ratio}".rjust(16))
+        print(f"{variant:<12}{''.join(cells)}")
+    print(f"paper (TPU v3 4x4) Transformer steps/s {PAPER_TABLE2['softmax']['steps_per_s']}, "
+          f"GB {PAPER_TABLE2['softmax']['memory_gb']}")
+    return {"device": str(device), "batch": args.batch, "lengths": lengths,
+            "results": {v: {str(n): r for n, r in rs.items()} for v, rs in results.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data generation on every core
+
+
+def _listops_chunk(job: tuple[int, int]) -> list[tuple[str, int]]:
+    count, seed = job
+    return listops.generate(count, seed)
+
+
+def listops_data(sizes: dict[str, int], seed: int, workers: int) -> dict[str, tasks.SequenceDataset]:
+    """The official generator on `workers` processes (one stream each), deduplicated across streams."""
+    total = sum(sizes.values())
+    per = -(-total * 11 // 10 // workers)  # 10% spare for duplicates between streams
+    t = time.time()
+    with ProcessPoolExecutor(workers) as pool:
+        chunks = list(pool.map(_listops_chunk, [(per, seed * 1000 + w) for w in range(workers)]))
+    rows = list(dict.fromkeys(row for chunk in chunks for row in chunk))[:total]
+    rate = len(rows) / (time.time() - t)
+    print(f"ListOps generation: {len(rows)} examples in {time.time() - t:.1f} s "
+          f"({rate:.0f}/s on {workers} processes)")
+    random.Random(seed).shuffle(rows)
+    out, start = {}, 0
+    for split in ("train", "val", "test"):
+        part = rows[start:start + sizes[split]]
+        start += sizes[split]
+        out[split] = tasks.SequenceDataset([np.asarray(listops.encode(s), dtype=np.int8) for s, _ in part],
+                                           [label for _, label in part])
+    return out
+
+
+def pathfinder_data(sizes: dict[str, int], seed: int, workers: int, difficulty: str
+                    ) -> dict[str, tasks.SequenceDataset]:
+    from shared.data.text import cache_dir
+
+    t = time.time()
+    data = tasks.generated_pathfinder("pathfinder32", sizes, seed, cache_dir(), difficulty, workers)
+    n = sum(len(d) for d in data.values())
+    print(f"Pathfinder-32 data: {n} images ready in {time.time() - t:.1f} s "
+          f"({n / max(time.time() - t, 1e-9):.0f}/s on {workers} processes; instant when cached)")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class DeviceData:
+    """A whole split on the device: tokens padded to the longest sequence (int16), lengths and labels."""
+
+    def __init__(self, dataset: tasks.SequenceDataset, device: torch.device) -> None:
+        lengths = np.asarray([len(seq) for seq in dataset.sequences])
+        tokens = np.zeros((len(lengths), lengths.max()), dtype=np.int16)
+        for i, seq in enumerate(dataset.sequences):
+            tokens[i, :len(seq)] = seq
+        self.tokens = torch.from_numpy(tokens).to(device)
+        self.lengths = torch.from_numpy(lengths).to(device)
+        self.labels = torch.from_numpy(dataset.labels).to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None):
+        """Batches of (tokens (B, longest in batch) int64, labels); shuffled, dropping the remainder, with a
+        generator, in order and complete without."""
+        n = len(self)
+        if generator is None:
+            order, stop = torch.arange(n, device=self.labels.device), n
+        else:
+            order, stop = torch.randperm(n, generator=generator).to(self.labels.device), n - batch_size + 1
+        for start in range(0, stop, batch_size):
+            index = order[start:start + batch_size]
+            longest = int(self.lengths[index].max())
+            yield self.tokens[index, :longest].long(), self.labels[index]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    for tokens, labels in data.batches(batch_size, None):
+        with autocast(device):
+            correct += int((model(tokens).argmax(-1) == labels).sum())
+    model.train()
+    return correct / len(data)
+
+
+def train(args: argparse.Namespace, device: torch.device) -> dict:
+    torch.manual_seed(args.seed)
+    workers = args.workers or os.cpu_count() or 1
+    budget = args.minutes * 60
+    if args.train == "listops":
+        sizes = ({"train": 96_000, "val": 2_000, "test": 2_000} if not args.quick
+                 else {"train": 256, "val": 32, "test": 64})
+        data = listops_data(sizes, args.seed, workers)
+        model_name, batch_size, total_steps = "listops_transformer", 32, 5000 if not args.quick else 4
+        optim = dict(name="adamw", lr=0.05 / math.sqrt(1000), weight_decay=0.1, betas=(0.9, 0.98), eps=1e-9)
+        sched = dict(name="rsqrt", warmup_steps=1000)
+    else:
+        sizes = ({"train": args.train_size, "val": 200, "test": 2_000} if not args.quick
+                 else {"train": 64, "val": 8, "test": 32})
+        data = pathfinder_data(sizes, args.seed, workers, args.difficulty)
+        model_name, batch_size, total_steps = "pathfinder32_transformer", 512 if not args.quick else 16, None
+        optim = dict(name="adamw", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-9)
+        sched = dict(name="cosine", warmup_steps=max(1, len(data["train"]) // batch_size), min_lr=0.0)
+    tiny = dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, max_len=2000)
+    kwargs = tiny if args.quick and args.train == "listops" else {}
+    model = create_model(model_name, **kwargs).to(device)
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
+    optimizer = build_optimizer(model, **optim)
+    train_data, test_data = DeviceData(data["train"], device), DeviceData(data["test"], device)
+    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = len(train_data) // batch_size
+
+    def stream():
+        while True:
+            yield from train_data.batches(batch_size, generator)
+
+    it = stream()
+
+    def step(scheduler=None) -> torch.Tensor:
+        tokens, labels = next(it)
+        with autocast(device):
+            loss = F.cross_entropy(model(tokens).float(), labels)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        return loss.detach()
+
+    start = time.time()
+    if total_steps is None:  # time a few steps (at lr 0), then fit the schedule to the budget
+        lr = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.time()
+        probe = 5 if args.quick else 30
+        for _ in range(probe):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        per_step = (time.time() - t) / probe
+        for g, value in zip(optimizer.param_groups, lr):
+            g["lr"] = value
+        total_steps = max(1, int((budget - (time.time() - start)) * 0.97 / per_step))
+        epochs = total_steps / max(steps_per_epoch, 1)
+        print(f"{per_step * 1e3:.1f} ms/step -> {total_steps} steps ({epochs:.1f} epochs "
+              f"of {len(data['train'])} images) in the budget")
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **sched)
+    t0 = time.time()
+    losses, done = [], 0
+    for done in range(1, total_steps + 1):
+        losses.append(step(scheduler))
+        if done % args.log_every == 0:
+            print(f"step {done}/{total_steps} loss {torch.stack(losses[-args.log_every:]).mean():.4f} "
+                  f"{done / (time.time() - t0):.1f} steps/s", flush=True)
+        if time.time() - start > budget:
+            print(f"budget of {args.minutes} min reached at step {done}")
+            break
+    train_seconds = time.time() - t0
+    accuracy = evaluate(model, test_data, 256 if args.train == "listops" else 1024, device)
+    counts = np.bincount(data["test"].labels, minlength=2)
+    target = {"listops": "within 2 points of 36.37", "pathfinder32": ">= 71.40"}[args.train]
+    print(f"\n{args.train}: test accuracy {100 * accuracy:.2f} (paper Transformer: "
+          f"{ {'listops': 36.37, 'pathfinder32': 71.40}[args.train]}; target {target}); majority class "
+          f"{100 * counts.max() / counts.sum():.2f}; {done} steps in {train_seconds:.0f} s on {device}, bf16")
+    return {"task": args.train, "test_accuracy": accuracy, "steps": done, "train_seconds": train_seconds,
+            "device": str(device), "batch_size": batch_size, "train_examples": len(data["train"]),
+            "majority": float(counts.max() / counts.sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", choices=["listops", "pathfinder32"], help="train instead of the speed table")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training budget (wall clock)")
+    parser.add_argument("--train-size", type=int, default=40_000, help="generated Pathfinder training images")
+    parser.add_argument("--difficulty", default="curv_contour_length_14", help="Pathfinder level")
+    parser.add_argument("--grad-clip", type=float, default=0.0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--workers", type=int, default=0, help="data generation processes (0: all cores)")
+    parser.add_argument("--log-every", type=int, default=250)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--lengths", default="1024,2048,3072,4096")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that works on CPU")
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.batch, args.warmup, args.iters, args.minutes, args.log_every = "128,256", 2, 1, 2, 0.5, 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    result = train(args, device) if args.train else bench_speed(args, device)
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "bench_lra.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        previous[args.train or "speed"] = result
+        path.write_text(json.dumps(previous, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Softmax multi-head self-attention (Vaswani et al., NeurIPS 2017, eq. 1): `softmax(Q K^T / sqrt(d)) V`.
+
+`SelfAttention` holds what every variant here shares: the `query`, `key`, `value` and `out` projections (named as
+in the Flax models of Long Range Arena, so a converted state dict maps key for key), the split into heads and the
+merge back. A variant subclasses it and overrides `attend(q, k, v, mask)`, the part that differs. This file's own
+core runs PyTorch's `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); it is the LRA
+"Transformer" baseline.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shared.blocks.attention import register_attention
+
+
+def keep_nonempty_rows(mask: Tensor) -> Tensor:
+    """A (..., N) key mask in which every row that masks all its keys is opened fully instead.
+
+    Such a row belongs to a padded query only (a real query is always its own real key), and a fully masked
+    softmax row is NaN, which would then leak through `0 * NaN` into the real positions of the next layer.
+    """
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+         align: int | None = None) -> Tensor:
+    """`F.scaled_dot_product_attention` with the 1/sqrt(head_dim) scale, also fast for small heads.
+
+    On CUDA the fused kernels need head dims that are multiples of 8; LRA's models use 2, 4 and 8 channels per head.
+    Zero channels change neither q . k nor the kept channels of the output, so heads are zero-padded to a multiple
+    of `align` (default: 8 on CUDA, no padding elsewhere), with the scale of the true head dim, instead of falling
+    back to the O(N^2)-memory math path.
+    """
+    hd = q.shape[-1]
+    pad = -hd % (align or (8 if q.is_cuda else 1))
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=hd ** -0.5)
+    return y[..., :hd] if pad else y
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: x -> (query, key, value) -> `attend` per head -> `out`.
+
+    Args:
+        dim: channels C of the tokens.
+        num_heads: heads; head_dim = qkv_dim / num_heads.
+        qkv_dim: width of the query/key/value projections (LRA's `qkv_dim`; default C).
+        bias: learn biases in the four projections (LRA's models use none).
+        attn_drop: dropout on the attention weights while training (variants without explicit weights ignore it).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_dim: int | None = None, bias: bool = True,
+                 attn_drop: float = 0.0) -> None:
+        super().__init__()
+        qkv_dim = qkv_dim or dim
+        if qkv_dim % num_heads:
+            raise ValueError(f"qkv_dim={qkv_dim} is not divisible by num_heads={num_heads}")
+        self.dim, self.num_heads, self.qkv_dim = dim, num_heads, qkv_dim
+        self.head_dim = qkv_dim // num_heads
+        self.attn_drop = attn_drop
+        self.query = nn.Linear(dim, qkv_dim, bias=bias)
+        self.key = nn.Linear(dim, qkv_dim, bias=bias)
+        self.value = nn.Linear(dim, qkv_dim, bias=bias)
+        self.out = nn.Linear(qkv_dim, dim, bias=bias)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, C); mask: (B, N) bool, True on real tokens, or None. Returns (B, N, C)."""
+        b, n, _ = x.shape
+        if mask is not None and mask.shape != (b, n):
+            raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected {(b, n)}")
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        y = self.attend(q, k, v, mask)  # (B, nh, N, hd)
+        y = y.transpose(1, 2).reshape(b, n, self.qkv_dim)  # (B, N, qkv_dim)
+        return self.out(y)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q, k, v: (B, nh, N, hd); mask: (B, N) or None. Returns (B, nh, N, hd)."""
+        attn_mask = None if mask is None else keep_nonempty_rows(mask)[:, None, None, :]  # (B, 1, 1, N)
+        dropout_p = self.attn_drop if self.training else 0.0
+        return sdpa(q, k, v, attn_mask, dropout_p)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, qkv_dim={self.qkv_dim}"
+
+
+@register_attention("softmax")
+def softmax_attention(dim: int, num_heads: int, *, qkv_dim: int | None = None, bias: bool = True,
+                      attn_drop: float = 0.0) -> SelfAttention:
+    """Full softmax attention through SDPA, O(N^2) time; the LRA Transformer baseline."""
+    return SelfAttention(dim, num_heads, qkv_dim=qkv_dim, bias=bias, attn_drop=attn_drop)
+
