@@ -121,8 +121,11 @@ def test_biased_attention_cross_shapes():
                                biased_attention(q5, k5, v5, bias5, 0.5, fused=False), atol=1e-5, rtol=1e-5)
 
 
-def test_env_toggle(monkeypatch):
+def test_env_toggle_and_automatic_choice(monkeypatch):
     monkeypatch.setenv("FORMERLAB_FUSED_ATTN", "0")
-    assert not use_fused_attn() and not WindowAttention(4, 2, 1).fused_attn
+    assert not use_fused_attn() and not WindowAttention(64, 2, 2).fused_attn
     monkeypatch.setenv("FORMERLAB_FUSED_ATTN", "1")
-    assert use_fused_attn() and WindowAttention(4, 2, 1).fused_attn
+    assert use_fused_attn() and WindowAttention(60, 2, 2).fused_attn
+    monkeypatch.delenv("FORMERLAB_FUSED_ATTN")
+    # automatic: fused only where a fused SDPA kernel takes the head size
+    assert WindowAttention(64, 2, 2).fused_attn and not WindowAttention(180, 2, 6).fused_attn

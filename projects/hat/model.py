@@ -214,7 +214,7 @@ class OCAB(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.fused_attn = use_fused_attn()
+        self.fused_attn = use_fused_attn(dim // num_heads)
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int], rpi: torch.Tensor) -> torch.Tensor:
         h, w = x_size

@@ -7,10 +7,13 @@ together from distant image regions with -100 (Swin's and HAT's value, not -inf:
 numbers match the official models to float32 rounding).
 
 Two paths compute the same thing. The fused path hands the bias (plus the shift mask) to PyTorch's
-`F.scaled_dot_product_attention` as an additive float mask, which runs the memory-efficient kernel on GPU; the math
-path writes the equation out and is the readable reference the fused path is tested against. `use_fused_attn()`
-gives the default (environment variable `FORMERLAB_FUSED_ATTN=0` selects the math path everywhere, as timm's
-`TIMM_FUSED_ATTN`); each module keeps its choice in a `fused_attn` attribute that `set_fused_attn` flips.
+`F.scaled_dot_product_attention` as an additive float mask, so that a fused kernel can run on GPU; the math path
+writes the equation out and is the readable reference the fused path is tested against. `use_fused_attn(head_dim)`
+gives the default: the fused path where a fused SDPA kernel can take the head size (a multiple of 8), the math path
+otherwise. Measured on an H200 (torch 2.11, `scripts/bench_hat.py`, 2026-11-29): with HAT's head size 30 every fused
+kernel declines, SDPA runs its own math kernel, and that is 9-18 % slower than the explicit math path. The
+environment variable `FORMERLAB_FUSED_ATTN=1` / `=0` forces one path everywhere (as timm's `TIMM_FUSED_ATTN`); each
+module keeps its choice in a `fused_attn` attribute that `set_fused_attn` flips.
 
 Used by: Swin-style window attention (SLAB), HAT's hybrid attention block (which keeps the index as a model-level
 buffer and passes it in as `rpi`, so its state_dict matches the official one key for key).
@@ -25,9 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def use_fused_attn() -> bool:
-    """The default attention path: fused SDPA unless the environment sets FORMERLAB_FUSED_ATTN=0."""
-    return os.environ.get("FORMERLAB_FUSED_ATTN", "1").strip().lower() not in ("0", "false", "no", "off")
+def use_fused_attn(head_dim: int | None = None) -> bool:
+    """The default attention path for heads of `head_dim` channels (module docstring)."""
+    setting = os.environ.get("FORMERLAB_FUSED_ATTN", "auto").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return head_dim is None or head_dim % 8 == 0
 
 
 def set_fused_attn(module: nn.Module, enabled: bool) -> None:
@@ -174,7 +182,7 @@ class WindowAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.fused_attn = use_fused_attn()
+        self.fused_attn = use_fused_attn(dim // num_heads)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self, rpi: torch.Tensor | None = None) -> torch.Tensor:
