@@ -189,6 +189,14 @@ def test_wandb_offline_without_account_or_network_one_run_per_job(cli):
 
 
 @pytest.mark.slow
+def test_tensorboard_logger(cli):
+    cli("project=toy", f"hydra.searchpath=[file://{REPO / 'tests' / 'conf'}]", "logger=tensorboard",
+        "trainer.max_epochs=1")
+    events = list((cli.outputs / "toy" / "trainer.max_epochs-1" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_eval_reproduces_the_test_metric_of_a_checkpoint(cli):
     cli(*TOY, "trainer.max_epochs=1")
     run_dir = cli.outputs / "toy" / "trainer.max_epochs-1"
