@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Titans on one GPU: quality at equal budget, throughput / MFU, and the chunked memory update's speed-up.
 
-Parts (`--parts`, comma-separated; all by default, about 5 minutes on an H200):
+Parts (`--parts`, comma-separated; all by default). On one H200 all of them need more than the 10 minutes one
+command may take; run them as two commands of `--max-seconds 540` each (README.md, "How to run"):
+`--parts throughput,chunk,attention` and `--parts lm,niah,ablation` (niah fine-tunes the lm part's models).
   lm          Transformer++ vs LMM vs MAC vs MAG vs MAL ("small" configs, bf16), the same steps and tokens on the
               embedded Wikipedia bytes: validation loss, perplexity, bits per byte (Table 1's comparison).
   ablation    Table 5 on the LMM base: linear memory, w/o convolution, w/o momentum, w/o weight decay,
@@ -9,28 +11,35 @@ Parts (`--parts`, comma-separated; all by default, about 5 minutes on an H200):
   niah        S-NIAH passkey (Table 2's PK): the lm models are fine-tuned briefly on 1K-byte samples and tested
               at 1K, 2K, 4K, 8K bytes (exact match of the 7-digit value).
   throughput  training tokens/s and MFU (bf16) of every variant against Transformer++, and tokens/s against the
-              sequence length at a fixed number of tokens per batch (Figure 9's layout).
+              sequence length at a fixed number of tokens per batch (Figure 9's layout); `--compile-variants`
+              (default lmm) adds rows with the memory's chunk step under torch.compile, at `--compile-lens`.
   chunk       the memory update alone (forward + backward): the token loop (the recurrence, b = 1) against the
-              parallel chunked update (dual and materialised forms) at b = 64, and the loop at b = 64 (same math).
+              parallel chunked update (dual form eager and compiled, materialised form) at b = 64, and the loop at
+              b = 64 (same math).
   attention   FlexAttention (compiled) against the SDPA dense-mask path on the GPU, sliding window with prefix and
               MAC's segmented mask: max difference of outputs and gradients (the CPU tests compare the eager
               FlexAttention forward and a plain-math reference).
 
-Every part has a share of `--max-seconds` (default 300); an item that would start after its part's share is
-skipped and recorded as such, so the whole run stays near the budget. The quality parts use the SDPA path
-(`--train-backend`, no compilation); the throughput part uses `--attn-backend` (auto = FlexAttention on GPU) and
-falls back to SDPA, saying so, if FlexAttention fails.
+Budget: the parts that run share `--max-seconds` (default 540) in the proportions of PART_SHARE, and time a part
+leaves unused goes to the later ones. An item that would start after its part's deadline is recorded as
+"skipped" (the tables say so); a training run that reaches the deadline stops and is marked "truncated" with its
+step count; a real failure is recorded as "error" with its reason (out of memory frees the cache and the run goes
+on). The JSON is rewritten after every item, so a run killed from outside keeps what it measured. The quality
+parts use the SDPA path (`--train-backend`, no compilation); the throughput part uses `--attn-backend` (auto =
+FlexAttention on GPU) and falls back to SDPA, saying so, if FlexAttention fails.
 
 Text: `--text <file>` (e.g. ~/.cache/formerlab/wikipedia-*.txt written by shared.data.text.wikipedia_text());
 without it the script builds the text itself (needs gensim) or falls back to Python's pydoc topics.
 Prints compact tables (ratios against the strongest alternative in the run) and writes everything to
-$OUT/titans.json when OUT is set. `--quick` runs tiny sizes on the CPU as a smoke test.
+$OUT/<--json> (titans.json) when OUT is set. `--quick` runs tiny sizes on the CPU as a smoke test.
 No hydra / lightning imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import json
 import math
 import os
@@ -89,11 +98,59 @@ class Bench:
                                         "torch": torch.__version__, "size": self.size, "args": vars(args)}
         self.models: dict[str, TitansLM] = {}
         self._splits: dict[str, torch.Tensor] | None = None
-        self.part_start = time.perf_counter()
+        self.deadline = math.inf
+
+    # -- budget, results --
+
+    def run(self, parts: list[str]) -> None:
+        """Run `parts` in order; each gets its PART_SHARE of the time still left (unused time rolls over)."""
+        start = time.perf_counter()
+        end = start + self.args.max_seconds
+        for i, part in enumerate(parts):
+            part_start = time.perf_counter()
+            share = PART_SHARE[part] / sum(PART_SHARE[p] for p in parts[i:])
+            self.deadline = part_start + share * max(0.0, end - part_start)
+            getattr(self, f"part_{part}")()
+            self.results.setdefault("seconds", {})[part] = time.perf_counter() - part_start
+            self.save()
+        self.results["total_s"] = time.perf_counter() - start
+
+    def out_of_time(self) -> bool:
+        """True once the current part has used its share of the budget (the next item is then skipped)."""
+        return time.perf_counter() > self.deadline
+
+    def record(self, path: tuple, value: dict[str, Any]) -> None:
+        """Store one item's result at results[path[0]][path[1]]..., print it and rewrite the JSON."""
+        node = self.results
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        print(f"[{path[0]}] {' '.join(str(k) for k in path[1:])}: {value}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if os.environ.get("OUT"):
+            path = Path(os.environ["OUT"]) / self.args.json
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1, default=str))
+            os.replace(tmp, path)  # a kill mid-write leaves the previous complete file
+
+    def failure(self, exc: BaseException) -> dict[str, str]:
+        """A real error as a result row (call `free` after the `except` block to release its memory)."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            return {"error": "out of memory", "detail": str(exc)[:200]}
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    def free(self) -> None:
+        """Return the memory of dropped models and failed steps to the device (after an error)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- helpers --
 
     def model(self, variant: str, **overrides: Any) -> TitansLM:
+        """A fresh model of the benchmark size, seeded, on the device (`memory` overrides merge key by key)."""
         torch.manual_seed(self.args.seed)
         kw = {"attn_backend": self.args.train_backend, "max_len": max(self.args.niah_lengths + [self.args.seq_len]),
               **overrides}
@@ -116,8 +173,9 @@ class Bench:
         chunk = data[idx]
         return chunk[:, :-1], chunk[:, 1:]
 
-    def train(self, model: TitansLM, steps: int, next_batch, lr: float) -> dict[str, float]:
-        """AdamW + warm-up + cosine, bf16 autocast, gradient clipping at 1; returns wall time and last losses."""
+    def train(self, model: TitansLM, steps: int, next_batch, lr: float) -> dict[str, Any]:
+        """AdamW + warm-up + cosine, bf16 autocast, gradient clipping at 1; returns wall time and last losses.
+        Stops early at the part's deadline (then `truncated` is True and `steps` says how many ran)."""
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                                 fused=self.device.type == "cuda")
         warm = max(1, steps // 10)
@@ -127,7 +185,9 @@ class Bench:
         losses = []
         self.sync()
         start = time.perf_counter()
-        for _ in range(steps):
+        for step in range(steps):
+            if step and step % 10 == 0 and self.out_of_time():
+                break
             x, y = next_batch()
             with self.amp:
                 logits = model(x)
@@ -140,8 +200,8 @@ class Bench:
             losses.append(loss.detach())
         self.sync()
         tail = torch.stack(losses[-10:]).float().mean().item()
-        return {"train_s": time.perf_counter() - start, "train_loss": tail,
-                "finite": bool(torch.stack(losses).isfinite().all())}
+        return {"train_s": time.perf_counter() - start, "steps": len(losses), "truncated": len(losses) < steps,
+                "train_loss": tail, "finite": bool(torch.stack(losses).isfinite().all())}
 
     @torch.no_grad()
     def val_loss(self, model: TitansLM, seq_len: int, batches: int) -> float:
@@ -157,10 +217,6 @@ class Bench:
                 logits = model(chunk[:, :-1])
             total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
         return total / (n * seq_len)
-
-    def out_of_time(self, part: str) -> bool:
-        """True once `part` has used its share of --max-seconds (the next item is then skipped)."""
-        return time.perf_counter() - self.part_start > PART_SHARE[part] * self.args.max_seconds
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -184,75 +240,85 @@ class Bench:
 
     def part_lm(self) -> None:
         a = self.args
-        rows = {}
         for variant in VARIANTS:
-            if self.out_of_time("lm"):
-                rows[variant] = {"skipped": "time budget"}
+            if self.out_of_time():
+                self.record(("lm", variant), SKIPPED)
                 continue
             try:
                 model = self.model(variant)
                 gen = torch.Generator().manual_seed(a.seed)
                 stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr)
                 loss = self.val_loss(model, a.seq_len, a.val_batches)
-                rows[variant] = {"params": sum(p.numel() for p in model.parameters()), **stats, "val_loss": loss,
-                                 "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
+                row = {"params": sum(p.numel() for p in model.parameters()), **stats, "val_loss": loss,
+                       "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
                 self.models[variant] = model
             except Exception as exc:  # keep the other variants' numbers
-                rows[variant] = {"error": repr(exc)[:300]}
-            print(f"[lm] {variant}: {rows[variant]}", flush=True)
-        self.results["lm"] = rows
+                row = self.failure(exc)
+            if "error" in row:
+                model = None  # the failed model and the traceback's activations go before `free`
+                self.free()
+            self.record(("lm", variant), row)
+        rows = self.results["lm"]
         ok = {k: v for k, v in rows.items() if "val_bpb" in v}
-        if ok:
-            best = min(v["val_bpb"] for v in ok.values())
-            print(f"\nLM, byte level, {a.steps} steps x {a.batch} x {a.seq_len} tokens "
-                  f"(unigram {self.results['unigram_bpb']:.3f} bpb)")
-            print(f"{'model':12s} {'params':>9s} {'val bpb':>8s} {'val ppl':>8s} {'vs best':>8s} {'train s':>8s}")
-            for k, v in ok.items():
-                print(f"{k:12s} {v['params'] / 1e6:8.2f}M {v['val_bpb']:8.4f} {v['val_ppl']:8.3f} "
-                      f"{v['val_bpb'] / best:8.3f} {v['train_s']:8.1f}")
+        best = min((v["val_bpb"] for v in ok.values()), default=float("nan"))
+        print(f"\nLM, byte level, {a.steps} steps x {a.batch} x {a.seq_len} tokens "
+              f"(unigram {self.results.get('unigram_bpb', float('nan')):.3f} bpb)")
+        print(f"{'model':12s} {'params':>9s} {'val bpb':>8s} {'val ppl':>8s} {'vs best':>8s} {'train s':>8s} "
+              f"{'steps':>6s}")
+        for k, v in rows.items():
+            if k not in ok:
+                print(f"{k:12s} {status(v)}")
+                continue
+            print(f"{k:12s} {v['params'] / 1e6:8.2f}M {v['val_bpb']:8.4f} {v['val_ppl']:8.3f} "
+                  f"{v['val_bpb'] / best:8.3f} {v['train_s']:8.1f} {v['steps']:6d}{' truncated' * v['truncated']}")
 
     def part_ablation(self) -> None:
         a = self.args
-        rows = {}
         for name, (overrides, paper) in ABLATIONS.items():
-            if self.out_of_time("ablation"):
-                rows[name] = {"skipped": "time budget", "paper_ppl": paper}
+            if self.out_of_time():
+                self.record(("ablation", "rows", name), {**SKIPPED, "paper_ppl": paper})
                 continue
             try:
-                if name == "LMM" and "lmm" in self.models and "lm" in self.results:
-                    loss = self.results["lm"]["lmm"]["val_loss"]
+                if name == "LMM" and "val_loss" in self.results.get("lm", {}).get("lmm", {}):
+                    loss, stats = self.results["lm"]["lmm"]["val_loss"], {"steps": self.results["lm"]["lmm"]["steps"]}
                 else:
                     model = self.model("lmm", **overrides)
                     gen = torch.Generator().manual_seed(a.seed)
-                    self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr)
+                    stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr)
                     loss = self.val_loss(model, a.seq_len, a.val_batches)
                     del model
-                rows[name] = {"val_loss": loss, "val_bpb": loss / math.log(2), "paper_ppl": paper}
+                row = {"val_loss": loss, "val_bpb": loss / math.log(2), "paper_ppl": paper, **stats}
             except Exception as exc:
-                rows[name] = {"error": repr(exc)[:300], "paper_ppl": paper}
-            print(f"[ablation] {name}: {rows[name]}", flush=True)
+                row = {**self.failure(exc), "paper_ppl": paper}
+            if "error" in row:
+                model = None  # the failed model and the traceback's activations go before `free`
+                self.free()
+            self.record(("ablation", "rows", name), row)
+        rows = self.results["ablation"]["rows"]
         ok = {k: v for k, v in rows.items() if "val_bpb" in v}
         ours = sorted(ok, key=lambda k: ok[k]["val_bpb"])
         paper = sorted(ok, key=lambda k: ok[k]["paper_ppl"])
-        self.results["ablation"] = {"rows": rows, "order_ours": ours, "order_paper": paper,
-                                    "kendall_tau": kendall_tau(ours, paper)}
-        if ok:
-            base = ok.get("LMM", {}).get("val_bpb")
-            print(f"\nTable 5 ablations (LMM base), {a.steps} steps; Kendall tau of the orderings "
-                  f"{self.results['ablation']['kendall_tau']:.2f}")
-            print(f"{'variant':22s} {'val bpb':>8s} {'vs LMM':>7s} {'paper ppl':>9s}")
-            for k in ours:
-                rel = ok[k]["val_bpb"] / base if base else float("nan")
-                print(f"{k:22s} {ok[k]['val_bpb']:8.4f} {rel:7.3f} {ok[k]['paper_ppl']:9.2f}")
+        self.results["ablation"].update(order_ours=ours, order_paper=paper, kendall_tau=kendall_tau(ours, paper))
+        self.save()
+        base = ok.get("LMM", {}).get("val_bpb")
+        print(f"\nTable 5 ablations (LMM base), {a.steps} steps; Kendall tau of the orderings "
+              f"{self.results['ablation']['kendall_tau']:.2f} over {len(ok)} variants")
+        print(f"{'variant':22s} {'val bpb':>8s} {'vs LMM':>7s} {'paper ppl':>9s}")
+        for k in ours:
+            rel = ok[k]["val_bpb"] / base if base else float("nan")
+            print(f"{k:22s} {ok[k]['val_bpb']:8.4f} {rel:7.3f} {ok[k]['paper_ppl']:9.2f}"
+                  f"{' truncated' * ok[k].get('truncated', False)}")
+        for k, v in rows.items():
+            if k not in ok:
+                print(f"{k:22s} {status(v)}")
 
     def part_niah(self) -> None:
         a = self.args
         text = load_text(a.text)
         words = word_list(text)
-        rows = {}
         for variant in VARIANTS:
-            if self.out_of_time("niah"):
-                rows[variant] = {"skipped": "time budget"}
+            if self.out_of_time():
+                self.record(("niah", variant), SKIPPED)
                 continue
             try:
                 model = self.models.get(variant) or self.model(variant)
@@ -264,16 +330,21 @@ class Bench:
                     return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
 
                 stats = self.train(model, a.niah_steps, batch, a.lr / 2)
-                rows[variant] = {**stats, "acc": {L: self.niah_accuracy(model, L, text, words) for L in a.niah_lengths}}
+                row = {**stats, "acc": {L: self.niah_accuracy(model, L, text, words) for L in a.niah_lengths}}
             except Exception as exc:
-                rows[variant] = {"error": repr(exc)[:300]}
-            print(f"[niah] {variant}: {rows[variant]}", flush=True)
-        self.results["niah"] = rows
+                row = self.failure(exc)
+            if "error" in row:
+                model = None  # the failed model and the traceback's activations go before `free`
+                self.free()
+            self.record(("niah", variant), row)
         print(f"\nS-NIAH passkey accuracy (%) after {a.niah_steps} fine-tuning steps at {a.niah_train_len} bytes")
         print(f"{'model':12s} " + " ".join(f"{L:>7d}" for L in a.niah_lengths))
-        for k, v in rows.items():
+        for k, v in self.results["niah"].items():
             if "acc" in v:
-                print(f"{k:12s} " + " ".join(f"{100 * v['acc'][L]:7.1f}" for L in a.niah_lengths))
+                print(f"{k:12s} " + " ".join(f"{100 * v['acc'][L]:7.1f}" for L in a.niah_lengths)
+                      + f"{' truncated' * v['truncated']}")
+            else:
+                print(f"{k:12s} {status(v)}")
 
     @torch.no_grad()
     def niah_accuracy(self, model: TitansLM, length: int, text: str, words: list[str]) -> float:
@@ -291,7 +362,7 @@ class Bench:
         return correct / self.args.niah_eval
 
     def step_time(self, model: TitansLM, batch: int, seq_len: int, iters: int) -> float:
-        """Median seconds of one training step (forward, backward, AdamW) after warm-up."""
+        """Median seconds of one training step (forward, backward, AdamW) after two warm-up steps."""
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
         x = torch.randint(0, 256, (batch, seq_len), device=self.device)
         times = []
@@ -309,51 +380,68 @@ class Bench:
         return float(np.median(times))
 
     def part_throughput(self) -> None:
+        """Every variant at every length, shortest first (a run out of time loses the longest lengths of every
+        variant, not whole variants); then the rows with the memory's chunk step compiled."""
         a = self.args
-        rows: dict[str, dict[int, dict[str, float]]] = {variant: {} for variant in VARIANTS}
-        for seq_len in a.seq_lens:  # shortest first: a run out of time loses the longest lengths of every variant
-            for variant in VARIANTS:
-                batch = max(1, a.tokens_per_batch // seq_len)
-                if self.out_of_time("throughput"):
-                    rows[variant][seq_len] = {"skipped": "time budget"}
+        rows = [(v, v, {}) for v in VARIANTS] + [
+            (f"{v}+compile", v, {"memory": {"compile_step": True}}) for v in a.compile_variants if v in VARIANTS]
+        for seq_len in a.seq_lens:
+            batch = max(1, a.tokens_per_batch // seq_len)
+            for name, variant, extra in rows:
+                if extra and seq_len not in a.compile_lens:
                     continue
+                if self.out_of_time():
+                    self.record(("throughput", name, seq_len), SKIPPED)
+                    continue
+                row: dict[str, Any] = {}
+                failed = ""
                 for backend in dict.fromkeys([a.attn_backend, "sdpa"]):  # FlexAttention, else the SDPA path
                     try:
-                        model = self.model(variant, max_len=seq_len, attn_backend=backend)
+                        model = self.model(variant, max_len=seq_len, attn_backend=backend, **extra)
                         sec = self.step_time(model, batch, seq_len, a.iters)
                         flops = 3 * self.forward_flops(variant, seq_len) * batch
-                        rows[variant][seq_len] = {"tokens_per_s": batch * seq_len / sec, "step_s": sec,
-                                                  "tflops": flops / sec / 1e12, "backend": backend,
-                                                  "mfu": flops / sec / 1e12 / self.peak if self.peak else float("nan")}
-                        del model
+                        row = {"tokens_per_s": batch * seq_len / sec, "step_s": sec, "batch": batch,
+                               "tflops": flops / sec / 1e12, "backend": backend,
+                               "mfu": flops / sec / 1e12 / self.peak if self.peak else float("nan")}
+                        if failed:
+                            row["fallback_from"] = failed
                         break
                     except Exception as exc:
-                        rows[variant][seq_len] = {"error": f"{backend}: {exc!r}"[:300]}
-                print(f"[throughput] {variant} T={seq_len}: {rows[variant][seq_len]}", flush=True)
-        self.results["throughput"] = rows
+                        row = self.failure(exc)
+                        failed = f"{backend}: {row['error']}"[:200]
+                    model = None
+                    self.free()  # outside `except`: the traceback and the activations it held are gone
+                    if row["error"] == "out of memory":  # SDPA's dense mask needs more memory, not less
+                        break
+                model = None
+                self.record(("throughput", name, seq_len), row)
+        table = self.results["throughput"]
         print(f"\nTraining throughput, bf16, {a.tokens_per_batch} tokens per batch (Figure 9 layout): "
               "ktokens/s (MFU %), ratio to Transformer++")
-        print(f"{'model':12s} " + " ".join(f"{'T=' + str(t):>20s}" for t in a.seq_lens))
-        for variant, by_len in rows.items():
+        print(f"{'model':16s} " + " ".join(f"{'T=' + str(t):>20s}" for t in a.seq_lens))
+        for name, by_len in table.items():
             cells = []
             for t in a.seq_lens:
-                r, base = by_len.get(t, {}), rows["transformer"].get(t, {})
+                r, base = by_len.get(t, {}), table.get("transformer", {}).get(t, {})
                 if "tokens_per_s" not in r:
-                    cells.append(f"{'error':>20s}")
+                    cells.append(f"{status(r)[:20]:>20s}")
                     continue
                 ratio = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else float("nan")
                 cells.append(f"{r['tokens_per_s'] / 1e3:8.1f} ({100 * r['mfu']:4.1f}) x{ratio:4.2f}")
-            print(f"{variant:12s} " + " ".join(cells))
+            print(f"{name:16s} " + " ".join(cells))
+        print_errors(table)
 
     def part_chunk(self) -> None:
         """The memory update alone: B*H memories of head_dim 64, a 2-layer MLP memory (expansion 2)."""
         a = self.args
         d = 16 if a.quick else 64
         bh = 4 if a.quick else 48
-        rows = {}
+        cases = {"token loop b=1 (recurrence)": ("reference", 1, {}),
+                 f"token loop b={a.chunk}": ("reference", a.chunk, {}),
+                 f"materialized b={a.chunk}": ("materialized", a.chunk, {}),
+                 f"dual b={a.chunk}": ("dual", a.chunk, {}),
+                 f"dual b={a.chunk} compiled": ("dual", a.chunk, {"compile_step": True})}
         for t in a.chunk_lens:
-            if self.out_of_time("chunk"):
-                break
             torch.manual_seed(0)
             dev = self.device
             weights = tuple(torch.randn(bh, m, n, device=dev).div(m ** 0.5).requires_grad_()
@@ -363,24 +451,24 @@ class Bench:
             v, q = torch.randn(bh, t, d, device=dev).requires_grad_(), torch.randn(bh, t, d, device=dev)
             gates = Gates(torch.full((bh, t), 0.02, device=dev), F.logsigmoid(torch.zeros(bh, t, device=dev)),
                           F.logsigmoid(torch.full((bh, t), 4.0, device=dev)))
-            cases = {"token loop b=1 (recurrence)": ("reference", 1), f"token loop b={a.chunk}": ("reference", a.chunk),
-                     f"materialized b={a.chunk}": ("materialized", a.chunk), f"dual b={a.chunk}": ("dual", a.chunk)}
-            rows[t] = {}
-            for name, (impl, b) in cases.items():
-                if impl == "reference" and self.out_of_time("chunk"):
-                    rows[t][name] = float("nan")
+            for name, (impl, b, kw) in cases.items():
+                if self.out_of_time():
+                    self.record(("chunk", t, name), SKIPPED)
                     continue
                 try:
-                    rows[t][name] = self.time_memory(MEMORY_IMPLS[impl], state, k, v, q, gates, b)
+                    fn = functools.partial(MEMORY_IMPLS[impl], **kw)
+                    row = {"seconds": self.time_memory(fn, state, k, v, q, gates, b)}
                 except Exception as exc:
-                    rows[t][name] = float("nan")
-                    print(f"[chunk] {name}: {exc!r}"[:300])
-            print(f"[chunk] T={t}: {rows[t]}", flush=True)
-        self.results["chunk"] = rows
-        print(f"\nMemory update forward+backward, {bh} memories x head_dim {d}, seconds (speed-up vs the token loop)")
-        for t, r in rows.items():
-            loop = r["token loop b=1 (recurrence)"]  # NaN when skipped: then no ratio
-            print(f"T={t:6d} " + "  ".join(f"{k}: {s * 1e3:.1f} ms (x{loop / s:.1f})" for k, s in r.items()))
+                    row = self.failure(exc)
+                if "error" in row:
+                    self.free()
+                self.record(("chunk", t, name), row)
+        print(f"\nMemory update forward+backward, {bh} memories x head_dim {d}, ms (speed-up vs the token loop)")
+        for t, r in self.results["chunk"].items():
+            loop = r.get("token loop b=1 (recurrence)", {}).get("seconds", float("nan"))
+            print(f"T={t:6d} " + "  ".join(f"{k}: {v['seconds'] * 1e3:.1f} ms (x{loop / v['seconds']:.1f})"
+                                          if "seconds" in v else f"{k}: {status(v)}" for k, v in r.items()))
+        print_errors(self.results["chunk"])
 
     def part_attention(self) -> None:
         """Compiled FlexAttention vs the SDPA dense-mask path (values and gradients), on the GPU only."""
@@ -391,7 +479,6 @@ class Bench:
             print("[attention] needs CUDA (the CPU comparison is in tests/test_sliding_window.py)")
             return
         torch.manual_seed(0)
-        rows = {}
         t, seg, n_p = 2048, 256, 4
         cases = {
             "sliding window 256 + prefix 4": (lambda q, k, v, be: sliding_window_attention(q, k, v, 256, n_p, be), t),
@@ -400,6 +487,10 @@ class Bench:
         }
         for name, (fn, n_kv) in cases.items():
             for dtype in (torch.float32, torch.bfloat16):
+                key = f"{name} {str(dtype).split('.')[-1]}"
+                if self.out_of_time():
+                    self.record(("attention", key), SKIPPED)
+                    continue
                 q = torch.randn(2, 6, t, 64, device=self.device, dtype=dtype, requires_grad=True)
                 k = torch.randn(2, 6, n_kv, 64, device=self.device, dtype=dtype, requires_grad=True)
                 v = torch.randn(2, 6, n_kv, 64, device=self.device, dtype=dtype, requires_grad=True)
@@ -410,18 +501,17 @@ class Bench:
                         g = torch.autograd.grad(o.float().square().sum(), (q, k, v))
                         outs[backend] = (o.float(), [x.float() for x in g])
                     except Exception as exc:
-                        outs[backend] = repr(exc)[:300]
-                key = f"{name} {str(dtype).split('.')[-1]}"
+                        outs[backend] = self.failure(exc)
                 if all(isinstance(x, tuple) for x in outs.values()):
                     (o1, g1), (o2, g2) = outs["flex"], outs["sdpa"]
-                    rows[key] = {"max_abs_out": (o1 - o2).abs().max().item(),
-                                 "max_rel_grad": max(((a - b).norm() / b.norm()).item() for a, b in zip(g1, g2))}
+                    row = {"max_abs_out": (o1 - o2).abs().max().item(),
+                           "max_rel_grad": max(((a - b).norm() / b.norm()).item() for a, b in zip(g1, g2))}
                 else:
-                    rows[key] = {b: x for b, x in outs.items() if isinstance(x, str)}
-                print(f"[attention] {key}: {rows[key]}", flush=True)
-        self.results["attention"] = rows
+                    row = {"error": "; ".join(f"{b}: {x['error']}" for b, x in outs.items() if isinstance(x, dict))}
+                self.record(("attention", key), row)
 
     def time_memory(self, fn, state, k, v, q, gates, b) -> float:
+        """Median seconds of the memory update's forward and backward, after one warm-up call."""
         times = []
         for i in range(1 + self.args.chunk_iters):
             self.sync()
@@ -433,6 +523,26 @@ class Bench:
             if i:
                 times.append(time.perf_counter() - t)
         return float(np.median(times))
+
+
+SKIPPED = {"skipped": "time budget"}
+
+
+def status(row: dict[str, Any]) -> str:
+    """A table cell for an item without numbers: 'skipped' (budget), 'error: <reason>' or '-' (not asked for)."""
+    if not row:
+        return "-"
+    if "skipped" in row:
+        return "skipped"
+    return "error: " + ("OOM" if row["error"] == "out of memory" else row["error"].split(":")[0])
+
+
+def print_errors(table: dict[Any, dict[Any, dict[str, Any]]]) -> None:
+    """The full reason of every error cell of a two-level table."""
+    for outer, inner in table.items():
+        for key, row in inner.items():
+            if "error" in row:
+                print(f"  error {outer} {key}: {row['error']}")
 
 
 def kendall_tau(a: list[str], b: list[str]) -> float:
@@ -448,7 +558,8 @@ def kendall_tau(a: list[str], b: list[str]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="lm,ablation,niah,throughput,chunk,attention")
-    p.add_argument("--max-seconds", type=float, default=300, help="total budget, shared among the parts")
+    p.add_argument("--max-seconds", type=float, default=540, help="total budget, shared among the parts that run")
+    p.add_argument("--json", default="titans.json", help="file name of the results under $OUT")
     p.add_argument("--text", default=None, help="a text file (the cached Wikipedia excerpt)")
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (smoke test)")
     p.add_argument("--steps", type=int, default=100)
@@ -467,33 +578,31 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--chunk-lens", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048])
     p.add_argument("--chunk-iters", type=int, default=2)
+    p.add_argument("--compile-variants", type=lambda s: [x for x in s.split(",") if x], default=["lmm"],
+                   help="throughput rows with the memory's chunk step compiled ('' for none)")
+    p.add_argument("--compile-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024],
+                   help="lengths of those rows (each length compiles anew, ~a minute)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "flex", "sdpa"], help="throughput part")
     p.add_argument("--train-backend", default="sdpa", choices=["auto", "flex", "sdpa"], help="quality parts")
     p.add_argument("--seed", type=int, default=0)
+    if p.parse_known_args()[0].quick:  # tiny defaults; flags given explicitly still win
+        p.set_defaults(steps=3, batch=2, seq_len=64, val_batches=1, chunk=16, niah_steps=2, niah_batch=2,
+                       niah_train_len=256, niah_lengths=[256, 512], niah_eval=2, seq_lens=[64, 128],
+                       tokens_per_batch=256, iters=1, chunk_lens=[64], chunk_iters=1, compile_lens=[64])
     args = p.parse_args()
-    if args.quick:
-        args.steps, args.batch, args.seq_len, args.val_batches, args.chunk = 3, 2, 64, 1, 16
-        args.niah_steps, args.niah_batch, args.niah_train_len = 2, 2, 256
-        args.niah_lengths, args.niah_eval = [256, 512], 2
-        args.seq_lens, args.tokens_per_batch, args.iters = [64, 128], 256, 1
-        args.chunk_lens, args.chunk_iters = [64], 1
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch._dynamo.config.cache_size_limit = 64  # one compiled FlexAttention per mask and length
+        torch._dynamo.config.cache_size_limit = 64  # compiled FlexAttention / chunk step per mask and shape
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = [x for x in parts if x not in PART_SHARE]
+    if unknown:
+        p.error(f"--parts: unknown {unknown}; choose from {list(PART_SHARE)}")
     bench = Bench(args)
-    start = time.perf_counter()
-    for part in args.parts.split(","):
-        part = part.strip()
-        bench.part_start = time.perf_counter()
-        getattr(bench, f"part_{part}")()
-        bench.results.setdefault("seconds", {})[part] = time.perf_counter() - bench.part_start
-    bench.results["total_s"] = time.perf_counter() - start
-    print(f"\ntotal {bench.results['total_s']:.0f} s")
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "titans.json"
-        path.write_text(json.dumps(bench.results, indent=1, default=str))
-        print(f"wrote {path}")
+    bench.run(parts)
+    bench.save()
+    print(f"\ntotal {bench.results['total_s']:.0f} s" +
+          (f"; wrote {Path(os.environ['OUT']) / args.json}" if os.environ.get("OUT") else ""))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,35 @@ def test_chunking_changes_the_result():
     assert (r1 - r4).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_dual_equals_autograd_gradients_with_gelu(chunk):
+    """The dual form's written-out MLP backward (GELU, L_M = 3) equals `torch.func`'s per-token gradients in the
+    materialised form; chunk 16 > 11 tokens is a single ragged chunk."""
+    problem = _problem(3, True, True, seed=7)
+    outs = []
+    for impl in (memory_chunked_dual, memory_chunked_materialized):
+        state, k, v, q, gates, leaves = problem
+        reads, final = impl(state, k, v, q, gates, chunk, "gelu", "after")
+        loss = reads.pow(2).sum() + sum(w.pow(2).sum() for w in final.weights)
+        outs.append([reads, *torch.autograd.grad(loss, leaves)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_compiled_chunk_step_equals_eager():
+    """`compile_step=True` (torch.compile of the chunk step and the reads) computes the same values and gradients."""
+    problem = _problem(2, True, True, t=13, seed=3)
+    outs = []
+    for compile_step in (False, True):
+        state, k, v, q, gates, leaves = problem
+        reads, final = memory_chunked_dual(state, k, v, q, gates, 4, compile_step=compile_step)
+        loss = reads.pow(2).sum() + sum(w.pow(2).sum() for w in final.weights)
+        outs.append([reads, *torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_neural_memory_layer_impls_agree_and_learn_in_context():
     torch.manual_seed(0)
     layer = NeuralMemory(16, num_heads=2, depth=2, chunk_size=4).double()
@@ -247,3 +276,48 @@ def test_short_training_beats_unigram():
     val = trainer.callback_metrics["val/loss"].item()
     assert data.unigram_loss is not None and math.isfinite(val)
     assert val < 0.8 * data.unigram_loss, (val, data.unigram_loss)
+
+
+def _load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_titans", REPO / "scripts" / "bench_titans.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeypatch, capsys):
+    """The GPU benchmark's bookkeeping on the CPU: items past the budget are "skipped", a failing variant is an
+    "error" with its reason (after the SDPA fallback), the others run (MAG / MAL at 4 x 32 tokens), and the JSON
+    on disk holds every item recorded so far."""
+    import json
+
+    bench = _load_bench()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "throughput,chunk", "--max-seconds", "0"])
+    bench.main()
+    saved = json.loads((tmp_path / "titans.json").read_text())
+    assert saved["throughput"]["mag"]["64"] == {"skipped": "time budget"}
+    assert all(r == {"skipped": "time budget"} for r in saved["chunk"]["64"].values())
+    assert "skipped" in capsys.readouterr().out
+
+    build = bench.Bench.model
+    written = []
+
+    def model(self, variant, **kw):
+        if variant == "lmm":
+            raise RuntimeError("no such kernel")
+        written.append(json.loads((tmp_path / "titans.json").read_text()))  # saved after the previous item
+        return build(self, variant, **kw)
+
+    monkeypatch.setattr(bench.Bench, "model", model)
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "throughput", "--seq-lens", "32",
+                                     "--tokens-per-batch", "128", "--compile-variants", ""])
+    bench.main()
+    table = json.loads((tmp_path / "titans.json").read_text())["throughput"]
+    assert table["lmm"]["32"]["error"] == "RuntimeError: no such kernel"
+    assert all(table[v]["32"]["tokens_per_s"] > 0 for v in ("transformer", "mac", "mag", "mal"))
+    assert "lmm" in written[-1]["throughput"] and "mag" in written[-1]["throughput"]  # before MAL ran
+    out = capsys.readouterr().out
+    assert "error: RuntimeError" in out and "no such kernel" in out

@@ -25,14 +25,16 @@ definition live here and are tested against each other:
   any memory network, but stores b weight-sized tensors per chunk.
 - `memory_chunked_dual` (default): the same numbers without materialising per-token weights. A gradient of eq. 12
   w.r.t. an MLP layer is an outer product (layer input) x (gradient at the layer's pre-activation), obtained for
-  all tokens of a chunk at once with `torch.func.grad`; substituting it into the scans turns every read into
-  matmuls against b x b coefficient matrices (Yu Sun et al. 2024's dual form, extended with momentum and decay).
+  all tokens of a chunk at once by the MLP's backward pass written out; substituting it into the scans turns every
+  read into matmuls against b x b coefficient matrices (Yu Sun et al. 2024's dual form, extended with momentum and
+  decay). Only the chunk-end states are computed chunk by chunk; coefficients and reads are batched over chunks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -147,9 +149,9 @@ def segsum(log_a: Tensor) -> Tensor:
     matrix (rather than differencing one cumulative sum) avoids cancellation when the products get small."""
     n = log_a.shape[-1]
     x = log_a[..., None, :].expand(*log_a.shape, n).transpose(-1, -2)  # (..., n, n): x[i, j] = log_a[i]
-    strict = torch.ones(n, n, dtype=torch.bool, device=log_a.device).tril(-1)
-    x = x.masked_fill(~strict, 0.0).cumsum(dim=-2)  # [i, j] = sum_{j < m <= i} log_a[m]
-    return x.masked_fill(~strict.logical_or(torch.eye(n, dtype=torch.bool, device=log_a.device)), float("-inf"))
+    upper = torch.ones(n, n, dtype=torch.bool, device=log_a.device).triu()  # j >= i
+    x = x.masked_fill(upper, 0.0).cumsum(dim=-2)  # [i, j] = sum_{j < m <= i} log_a[m]
+    return x.masked_fill(upper.triu(1), float("-inf"))
 
 
 class ChunkCoefficients(NamedTuple):
@@ -190,21 +192,25 @@ def scan_coefficients(gates: Gates) -> ChunkCoefficients:
     return ChunkCoefficients(theta.to(kw["dtype"]), l_eta, e, l_keep, a, l_keep @ l_eta, d)
 
 
+def chunk_pieces(t: int, chunk_size: int) -> list[tuple[slice, int]]:
+    """The tokens 0..t-1 as (slice, chunk length) pieces: all whole chunks together, then a ragged last chunk."""
+    full = t - t % chunk_size
+    return [(sl, n) for sl, n in ((slice(0, full), chunk_size), (slice(full, t), t - full)) if sl.stop > sl.start]
+
+
+def chunked(x: Tensor, sl: slice, n: int) -> Tensor:
+    """The tokens `sl` of x (BH, T, ...) in chunks of n: (BH, n_chunks, n, ...)."""
+    return x[:, sl].unflatten(1, (-1, n))
+
+
 def chunk_coefficients(gates: Gates, chunk_size: int) -> list[tuple[slice, ChunkCoefficients]]:
-    """Each chunk's token slice and coefficients. They depend on the gates only, not on the memory, so all full
-    chunks are computed in one batch before the sequential pass; a ragged last chunk on its own."""
-    t = gates.theta.shape[1]
-    full = t // chunk_size
+    """Each chunk's token slice and coefficients. They depend on the gates only, not on the memory, so they are
+    computed for all chunks in one batch before the sequential pass (and `unbind` keeps the backward one op)."""
     out = []
-    if full:
-        batched = Gates(*(None if g is None else g[:, :full * chunk_size].unflatten(1, (full, chunk_size))
-                          for g in gates))  # (BH, n_chunks, b)
-        coeffs = scan_coefficients(batched)
-        out = [(slice(c * chunk_size, (c + 1) * chunk_size), ChunkCoefficients(*(x[:, c] for x in coeffs)))
-               for c in range(full)]
-    if full * chunk_size < t:
-        sl = slice(full * chunk_size, t)
-        out.append((sl, scan_coefficients(Gates(*(None if g is None else g[:, sl] for g in gates)))))
+    for sl, n in chunk_pieces(gates.theta.shape[1], chunk_size):
+        coeffs = scan_coefficients(Gates(*(None if g is None else chunked(g, sl, n) for g in gates)))  # (BH, nc, n)
+        per_chunk = zip(*(x.unbind(1) for x in coeffs))
+        out += [(slice(s, s + n), ChunkCoefficients(*c)) for s, c in zip(range(sl.start, sl.stop, n), per_chunk)]
     return out
 
 
@@ -239,60 +245,112 @@ def memory_chunked_materialized(state: MemoryState, k: Tensor, v: Tensor, q: Ten
 
 def layer_factors(weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str) -> tuple[list[Tensor], list[Tensor]]:
     """For B*H memories and the n tokens of a chunk at weights M_{t'}: the inputs a_{l-1} of every layer
-    (BH, n, d_l) and the gradients delta_l of eq. 12 at every pre-activation (BH, n, d_{l+1}), so that
-    grad_{W_l} l(x_t) = a_{l-1,t}^T delta_{l,t}. delta comes from `torch.func.grad` w.r.t. zero probes added to the
-    pre-activations: the loss of token t of memory m depends only on that row, so one gradient of the summed loss
-    gives every token's factor."""
+    (BH, n, d_l) and the gradients delta_l of (1/2) l (eq. 12) at every pre-activation (BH, n, d_{l+1}), so that
+    grad_{W_l} l(x_t) = 2 a_{l-1,t}^T delta_{l,t} (the 2 is left to the caller, which folds it into theta).
 
-    def loss(probes: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        x, inputs = k, []
-        for i, (w, p) in enumerate(zip(weights, probes)):
-            inputs.append(x)
-            x = x @ w + p
-            if i < len(weights) - 1:
-                x = ACTIVATIONS[act](x)
-        return (x - v).pow(2).sum(), inputs
+    The backward pass of the memory MLP is written out (delta_L = M(k) - v, delta_l = (delta_{l+1} W_{l+1}^T)
+    act'(z_l)) with differentiable ops, so the outer loop trains through it; `memory_chunked_materialized` gets
+    the same gradients from `torch.func.grad` and the tests compare the two. Writing it out instead of calling
+    `torch.func.grad` keeps the sequential loop over chunks to a few large kernels (no functorch layers)."""
+    inputs, pre = [], []
+    x = k
+    for i, w in enumerate(weights):
+        inputs.append(x)
+        x = x @ w
+        if i < len(weights) - 1:
+            pre.append(x)
+            x = ACTIVATIONS[act](x)
+    deltas = [x - v]
+    for w, z in zip(weights[:0:-1], pre[::-1]):  # layers L..2: delta_{l-1} from delta_l
+        deltas.append((deltas[-1] @ w.transpose(-1, -2)) * _act_derivative(z, act))
+    return inputs, deltas[::-1]
 
-    probes = [k.new_zeros(*k.shape[:-1], w.shape[-1]) for w in weights]
-    deltas, inputs = grad(loss, has_aux=True)(probes)
-    return inputs, deltas
+
+def dual_advance(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...], k: Tensor, v: Tensor, end: Tensor,
+                 decay: Tensor, act: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], list[Tensor], list[Tensor]]:
+    """One chunk's end state from its start state (M_0, S_0): the only sequential work of the chunked update.
+
+        M_n = A_n M_0 + D_n S_0 - sum_j K[n, j] theta_j u_j,    S_n = E_n S_0 - sum_j L_E[n, j] theta_j u_j,
+    with u_j = 2 a_j^T delta_j per layer. k, v: (BH, n, d); end: (BH, n, 2), [j] = -2 theta_j (K[n, j], L_E[n, j]);
+    decay: (BH, 3) = (A_n, D_n, E_n). Returns the new weights and momenta and the chunk's factors (inputs, deltas).
+    """
+    inputs, deltas = layer_factors(weights, k, v, act)
+    a, d, e = (x[:, None, None] for x in decay.unbind(-1))  # (BH, 1, 1) each
+    new_w, new_s = [], []
+    for w0, s0, a_j, delta in zip(weights, momentum, inputs, deltas):
+        # Both sums in one matmul: a^T [delta * end_M | delta * end_S].
+        scaled = (delta[..., None, :] * end[..., None]).flatten(-2)  # (BH, n, 2 d_{l+1})
+        u_w, u_s = (a_j.transpose(-1, -2) @ scaled).unflatten(-1, (2, -1)).unbind(-2)  # (BH, d_l, d_{l+1}) each
+        # addcmul promotes to the state's float32 under bf16 autocast (the matmul's output is bf16).
+        new_w.append(torch.addcmul(torch.addcmul(u_w, d, s0), a, w0))
+        new_s.append(torch.addcmul(u_s, e, s0))
+    return tuple(new_w), tuple(new_s), inputs, deltas
+
+
+def dual_reads(h: Tensor, w0: Sequence[Tensor], s0: Sequence[Tensor], inputs: Sequence[Tensor],
+               deltas: Sequence[Tensor], read_k: Tensor, read_a: Tensor, read_d: Tensor, act: str) -> Tensor:
+    """The reads of every chunk at once, given each chunk's start state and factors (`memory_chunked_dual`).
+
+    h: (BH, nc, n, d_0) queries; w0[l], s0[l]: (BH, nc, d_l, d_{l+1}) chunk-start weights and momenta;
+    inputs[l]: (BH, nc, n, d_l), deltas[l]: (BH, nc, n, d_{l+1}); read_k: (BH, nc, n, n) = -2 K[i, j] theta_j;
+    read_a, read_d: (BH, nc, n, 1). Returns (BH, nc, n, d_out).
+    """
+    for i, (w, s, a_j, delta) in enumerate(zip(w0, s0, inputs, deltas)):
+        z = torch.addcmul(torch.addcmul((read_k * (h @ a_j.transpose(-1, -2))) @ delta, read_d, h @ s), read_a, h @ w)
+        h = ACTIVATIONS[act](z) if i < len(w0) - 1 else z
+    return h
+
+
+def _stack_chunks(per_chunk: Iterable[Sequence[Tensor]]) -> list[Tensor]:
+    """Per-chunk lists of per-layer tensors (BH, ...) -> one tensor per layer (BH, n_chunks, ...)."""
+    return [torch.stack(layer, dim=1) for layer in zip(*per_chunk)]
+
+
+@cache
+def _compiled(fn: Callable) -> Callable:
+    """torch.compile'd `fn` (fuses the small element-wise ops of a chunk step; compiled once per shape)."""
+    return torch.compile(fn, dynamic=False)
 
 
 def memory_chunked_dual(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gates: Gates, chunk_size: int,
-                        act: str = "silu", retrieve: str = "after") -> tuple[Tensor, MemoryState]:
+                        act: str = "silu", retrieve: str = "after",
+                        compile_step: bool = False) -> tuple[Tensor, MemoryState]:
     """The chunked update without per-token weights (module docstring). Same arguments and results as
-    `memory_recurrent_reference`.
+    `memory_recurrent_reference`; `compile_step=True` runs the chunk step and the reads through `torch.compile`.
 
-    With u_j = a_j^T delta_j per layer and M_i = A_i M_0 + D_i S_0 - sum_{j<=i} K[i, j] theta_j u_j
+    With u_j = 2 a_j^T delta_j per layer and M_i = A_i M_0 + D_i S_0 - sum_{j<=i} K[i, j] theta_j u_j
     (`ChunkCoefficients`), a read h_i M_i of the layer's input h_i is
-        A_i (h_i M_0) + D_i (h_i S_0) - sum_j K[i, j] theta_j (h_i . a_j) delta_j   (b x b matmuls, layer by layer).
+        A_i (h_i M_0) + D_i (h_i S_0) - sum_j 2 K[i, j] theta_j (h_i . a_j) delta_j   (b x b matmuls, layer by layer).
+    Only the chunk-end states are sequential (`dual_advance`, a few matmuls per chunk); the coefficients before
+    the loop and the reads after it (`dual_reads`) are batched over all chunks.
     """
+    advance, read = (_compiled(dual_advance), _compiled(dual_reads)) if compile_step else (dual_advance, dual_reads)
     weights, momentum = state
     reads = []
-    for sl, c in chunk_coefficients(gates, chunk_size):
-        inputs, deltas = layer_factors(weights, k[:, sl], v[:, sl], act)  # L_M x (BH, n, d_l), (BH, n, d_{l+1})
+    for sl, n in chunk_pieces(k.shape[1], chunk_size):
+        c = scan_coefficients(Gates(*(None if g is None else chunked(g, sl, n) for g in gates)))  # (BH, nc, n[, n])
+        step = -2 * c.theta  # (BH, nc, n): the descent's minus and the squared loss's 2 (deltas are those of l / 2)
+        end = (torch.stack([c.k[..., -1, :], c.l_eta[..., -1, :]], dim=-1) * step[..., None]).to(k.dtype)
+        decay = torch.stack([c.a[..., -1], c.d[..., -1], c.e[..., -1]], dim=-1)  # (BH, nc, 3): A_n, D_n, E_n
+        k_c, v_c = chunked(k, sl, n), chunked(v, sl, n)  # (BH, nc, n, d)
+        starts, factors = [], []
+        for kc, vc, ec, dc in zip(k_c.unbind(1), v_c.unbind(1), end.unbind(1), decay.unbind(1)):
+            starts.append((weights, momentum))
+            weights, momentum, inputs, deltas = advance(weights, momentum, kc, vc, ec, dc, act)
+            factors.append((inputs[1:], deltas))
         if retrieve == "after":
             read_k, read_a, read_d = c.k, c.a, c.d
         else:  # M_{i-1}: shift every coefficient down one token; M_{-1} of the chunk is M_0
-            read_k = F.pad(c.k, (0, 0, 1, 0))[:, :-1]
-            read_a = F.pad(c.a, (1, 0), value=1.0)[:, :-1]
-            read_d = F.pad(c.d, (1, 0))[:, :-1]
-        h = q[:, sl]
+            read_k = F.pad(c.k, (0, 0, 1, 0))[..., :-1, :]
+            read_a = F.pad(c.a, (1, 0), value=1.0)[..., :-1]
+            read_d = F.pad(c.d, (1, 0))[..., :-1]
+        h = chunked(q, sl, n)  # (BH, nc, n, d)
         dt = h.dtype
-        read_k = (read_k * c.theta[:, None, :]).to(dt)  # K[i, j] theta_j
-        read_a, read_d = read_a[..., None].to(dt), read_d[..., None].to(dt)
-        for i, (w0, s0, a_j, delta) in enumerate(zip(weights, momentum, inputs, deltas)):
-            z = read_a * (h @ w0) + read_d * (h @ s0) - (read_k * (h @ a_j.transpose(1, 2))) @ delta
-            h = ACTIVATIONS[act](z) if i < len(weights) - 1 else z
-        reads.append(h)
-        w_coeff = (c.k[:, -1] * c.theta)[..., None].to(k.dtype)  # (BH, n, 1): M_n's coefficients of -u_j
-        s_coeff = (c.l_eta[:, -1] * c.theta)[..., None].to(k.dtype)
-        weights, momentum = (
-            tuple(c.a[:, -1, None, None] * w0 + c.d[:, -1, None, None] * s0 - a_j.transpose(1, 2) @ (w_coeff * delta)
-                  for w0, s0, a_j, delta in zip(weights, momentum, inputs, deltas)),
-            tuple(c.e[:, -1, None, None] * s0 - a_j.transpose(1, 2) @ (s_coeff * delta)
-                  for s0, a_j, delta in zip(momentum, inputs, deltas)),
-        )
+        w0, s0 = _stack_chunks(w for w, _ in starts), _stack_chunks(s for _, s in starts)
+        inputs = [k_c] + _stack_chunks(i for i, _ in factors)  # layer 1's inputs are the keys themselves
+        h = read(h, w0, s0, inputs, _stack_chunks(d for _, d in factors), (read_k * step[..., None, :]).to(dt),
+                 read_a[..., None].to(dt), read_d[..., None].to(dt), act)
+        reads.append(h.flatten(1, 2))  # (BH, nc * n, d_out)
     return torch.cat(reads, dim=1), MemoryState(weights, momentum)
 
 
@@ -354,22 +412,26 @@ class NeuralMemory(nn.Module):
         theta_init, eta_init, alpha_init: the gates' values at initialisation (their biases).
         retrieve: "after" (y_t = M_t^*(q_t), x_t already written) or "before" (M_{t-1}^*); the paper does not say.
         impl: "dual" | "materialized" | "reference" (see the module docstring; all compute the same numbers).
+        compile_step: `torch.compile` the dual form's chunk step and reads (fuses their small kernels; the first
+            call compiles, about a minute).
     """
 
     def __init__(self, dim: int, num_heads: int = 4, head_dim: int | None = None, depth: int = 2,
                  expansion: float = 4.0, act: str = "silu", chunk_size: int = 64, momentum: bool = True,
                  forgetting: bool = True, conv: bool = True, conv_kernel: int = 4, qk_l2norm: bool = True,
                  theta_max: float = 1.0, theta_init: float = 0.02, eta_init: float = 0.5, alpha_init: float = 0.01,
-                 retrieve: str = "after", impl: str = "dual") -> None:
+                 retrieve: str = "after", impl: str = "dual", compile_step: bool = False) -> None:
         super().__init__()
         if act not in ACTIVATIONS or retrieve not in RETRIEVE or impl not in IMPLS or depth < 1:
             raise ValueError(f"NeuralMemory: act in {list(ACTIVATIONS)}, retrieve in {RETRIEVE}, impl in {IMPLS}, "
                              f"depth >= 1; got act={act!r}, retrieve={retrieve!r}, impl={impl!r}, depth={depth}")
+        if compile_step and impl != "dual":
+            raise ValueError(f"NeuralMemory: compile_step applies to impl='dual' only, got impl={impl!r}")
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = head_dim or dim // num_heads
         self.depth, self.act, self.chunk_size = depth, act, chunk_size
         self.momentum, self.forgetting, self.qk_l2norm = momentum, forgetting, qk_l2norm
-        self.theta_max, self.retrieve, self.impl = theta_max, retrieve, impl
+        self.theta_max, self.retrieve, self.impl, self.compile_step = theta_max, retrieve, impl, compile_step
         inner = num_heads * self.head_dim
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
@@ -447,7 +509,8 @@ class NeuralMemory(nn.Module):
 
     def memorize(self, state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gates: Gates) -> tuple[Tensor, MemoryState]:
         """Write the tokens' (k, v) with eqs. 13-14 and read q with eq. 15 on the way: reads (BH, T, d), new state."""
-        return MEMORY_IMPLS[self.impl](state, k, v, q, gates, self.chunk_size, self.act, self.retrieve)
+        extra = {"compile_step": True} if self.compile_step else {}  # only the dual form takes it
+        return MEMORY_IMPLS[self.impl](state, k, v, q, gates, self.chunk_size, self.act, self.retrieve, **extra)
 
     def recall(self, state: MemoryState, q: Tensor) -> Tensor:
         return memory_recall(state, q, self.act)
