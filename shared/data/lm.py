@@ -12,7 +12,8 @@ Two sources give the same kind of stream (a 1-D integer array per split):
 
 `LMWindows` turns a stream into (input, target) pairs of `seq_len` tokens, the target shifted by one. Training
 windows start at a random offset drawn from the per-sample generator of `shared.data.loading` (exact resume);
-evaluation windows tile the split without overlap, in order.
+evaluation windows tile the split without overlap, in order. `LMDataModule` puts the two together for any
+language-modelling project.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from shared.data.loading import SampleKey, sample_rng
+from shared.data.loading import SampleKey, make_loader, sample_rng
 from shared.lit.errors import ConfigError, DatasetError
 
 SPLITS = ("train", "val", "test")
@@ -145,3 +147,73 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def corpus_text(corpus: str) -> str:
+    """An embedded English text by name: "wikipedia" (gensim's excerpt) or "pydoc" (Python's documentation)."""
+    from shared.data import text
+
+    if corpus == "wikipedia":
+        return text.wikipedia_text()
+    if corpus == "pydoc":
+        return text.pydoc_text()
+    raise ConfigError(f"data.corpus must be 'wikipedia' or 'pydoc', got '{corpus}'")
+
+
+class LMDataModule(pl.LightningDataModule):
+    """Next-token prediction over windows of `seq_len` tokens.
+
+    Args:
+        source: "embedded" (an embedded text, `corpus` at `level`) or "real" (nanoGPT token files under `root`).
+        root, dtype: the token directory and its integer type ("uint16" | "uint32") for source="real".
+        corpus, level: the embedded text ("wikipedia" | "pydoc") and its tokens ("byte" | "char"); split 90/5/5.
+        vocab_size: the model's vocabulary, checked against the data.
+        seq_len: tokens per window. batch_size: per device.
+        train_samples: windows per training epoch (default: as many as tile the train split once).
+        num_workers, seed: loader workers; the seed of window offsets and order.
+
+    After `setup`: `unigram_loss` (nats per token of the best context-free model; embedded text only) and
+    `bytes_per_token` (to report bits per byte).
+    """
+
+    def __init__(self, source: str = "embedded", root: str | None = None, dtype: str = "uint16",
+                 corpus: str = "wikipedia", level: str = "byte", vocab_size: int = 256, seq_len: int = 256,
+                 batch_size: int = 16, train_samples: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if source not in ("embedded", "real"):
+            raise ConfigError(f"data.source must be 'embedded' or 'real', got '{source}'")
+        if source == "real" and not root:
+            raise ConfigError("data.source=real reads nanoGPT token files: set data.root=<dir with train.bin, val.bin>")
+        self.source, self.root, self.dtype, self.corpus, self.level = source, root, dtype, corpus, level
+        self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
+        self.train_samples, self.num_workers, self.seed = train_samples, num_workers, seed
+        self.unigram_loss: float | None = None
+        self.bytes_per_token = 1.0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.source == "real":
+            splits = token_file_splits(self.root, self.dtype)
+            names = {s: f"{self.root}/{s}.bin" for s in splits}
+            biggest = max(int(t.max()) for t in splits.values())
+            if biggest >= self.vocab_size:
+                raise DatasetError(f"{self.root}: token id {biggest} >= data.vocab_size={self.vocab_size}")
+        else:
+            splits, vocab, self.bytes_per_token = text_splits(corpus_text(self.corpus), self.level)
+            if vocab > self.vocab_size:
+                raise ConfigError(f"data.level={self.level} of {self.corpus} has {vocab} tokens but data.vocab_size="
+                                  f"{self.vocab_size} (the model's vocabulary): set data.vocab_size={vocab}")
+            names = {s: f"{self.corpus} {s} split" for s in splits}
+            self.unigram_loss = unigram_entropy(splits["train"], self.vocab_size)
+        self.train_set = LMWindows(splits["train"], self.seq_len, True, self.train_samples, names["train"])
+        self.val_set = LMWindows(splits["val"], self.seq_len, False, name=names["val"])
+        self.test_set = LMWindows(splits["test"], self.seq_len, False, name=names["test"])
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, self.batch_size, train=True, seed=self.seed,
+                           num_workers=self.num_workers, trainer=self.trainer)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, self.batch_size, train=False, trainer=self.trainer)
+
+    def test_dataloader(self) -> DataLoader:
+        return make_loader(self.test_set, self.batch_size, train=False, trainer=self.trainer)
