@@ -122,6 +122,38 @@ def test_sdpa_pads_small_heads_without_changing_the_result():
     torch.testing.assert_close(sdpa(q, k, v, mask, align=8), reference_softmax(q, k, v, mask[:, 0, 0]))
 
 
+def record_sdpa_calls(monkeypatch) -> list[tuple[bool, bool]]:
+    """(masked, cuDNN backend enabled) for every F.scaled_dot_product_attention call from now on."""
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is not None, torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("variant", ["softmax", "local"])
+def test_masked_attention_never_runs_on_cudnn(variant, monkeypatch):
+    # cuDNN's masked SDPA backward returns NaN gradients (pytorch/pytorch#196678, see MASKED_BACKENDS): every call
+    # with a padding mask runs with that backend switched off, and only for the duration of the call.
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    calls = record_sdpa_calls(monkeypatch)
+    attn = build(variant).train()
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[1, 6:] = False
+    attn(torch.randn(2, N, DIM), mask).sum().backward()
+    assert calls and all(masked and not cudnn for masked, cudnn in calls)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_unmasked_softmax_attention_keeps_the_default_backends(monkeypatch):
+    calls = record_sdpa_calls(monkeypatch)
+    build("softmax")(torch.randn(2, N, DIM))
+    assert calls == [(False, True)]
+
+
 def test_local_attention_stays_inside_blocks():
     attn = build("local", block_size=4).eval()
     x = torch.randn(1, N, DIM)
@@ -193,3 +225,50 @@ def test_performer_orthogonal_features_and_redraw_policy():
     for _ in range(3):
         attn(x)
     assert torch.equal(attn.projection_matrix, redrawn) and int(attn.calls) == 3  # evaluation never redraws
+
+
+def test_performer_resumed_from_a_state_dict_redraws_on_schedule():
+    trained = build_attention("performer", 16, 2, nb_features=20, redraw_interval=2).train()
+    x = torch.randn(1, 5, 16)
+    trained(x)
+    trained(x)
+    resumed = build_attention("performer", 16, 2, nb_features=20, redraw_interval=2).train()
+    resumed(x)  # a call before loading must not leave a stale count behind
+    resumed.load_state_dict(trained.state_dict())
+    matrix = resumed.projection_matrix.clone()
+    resumed(x)  # the third call of the run: redrawn
+    assert not torch.equal(resumed.projection_matrix, matrix) and int(resumed.calls) == 3
+    matrix = resumed.projection_matrix.clone()
+    resumed(x)  # the fourth: kept
+    assert torch.equal(resumed.projection_matrix, matrix) and int(resumed.calls) == 4
+
+
+def _window_attention_with_shift_mask():
+    from shared.blocks.attention.window import WindowAttention, set_fused_attn, shifted_window_mask
+
+    attn = WindowAttention(16, 4, 2, own_index=True)
+    set_fused_attn(attn, True)
+    mask = shifted_window_mask(8, 8, 4, 2)  # (nW, 16, 16)
+    return attn(torch.randn(mask.shape[0], 16, 16), mask=mask)
+
+
+def _sliding_window_sdpa():
+    from shared.blocks.attention.sliding_window import sliding_window_attention
+
+    q, k, v = (torch.randn(1, 2, 12, 8, requires_grad=True) for _ in range(3))
+    return sliding_window_attention(q, k, v, window=4, prefix=2, backend="sdpa")
+
+
+def _segmented_sdpa():
+    from shared.blocks.attention.segmented import segmented_attention
+
+    q = torch.randn(1, 2, 8, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, 2 + 2 * (4 + 4), 8, requires_grad=True) for _ in range(2))
+    return segmented_attention(q, k, v, segment_len=4, num_persistent=2, num_memory=4, backend="sdpa")
+
+
+@pytest.mark.parametrize("masked_call", [_window_attention_with_shift_mask, _sliding_window_sdpa, _segmented_sdpa])
+def test_every_masked_sdpa_call_of_the_shared_blocks_avoids_cudnn(masked_call, monkeypatch):
+    calls = record_sdpa_calls(monkeypatch)
+    masked_call().sum().backward()
+    assert calls and all(masked and not cudnn for masked, cudnn in calls)

@@ -18,8 +18,9 @@ Feature redraw policy (`redraw_interval`): the random matrix `projection_matrix`
 construction from torch's global generator (seeded runs are reproducible) and saved with the state dict, so
 evaluation always uses the matrix the model was last trained with. While training, a fresh matrix is drawn every
 `redraw_interval` forward calls (1: every call, as the official LRA code does; 0: never). The call count is a
-buffer too, so a resumed run redraws on the same schedule. Under DDP all ranks draw the same matrix because they
-share the seed and consume the generator alike. Evaluation never redraws.
+buffer too, so a resumed run redraws on the same schedule; it is counted in a Python int and only written to the
+buffer, because reading a CUDA buffer at every call would stop the host twice per layer and step. Under DDP all
+ranks draw the same matrix because they share the seed and consume the generator alike. Evaluation never redraws.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class PerformerAttention(SelfAttention):
             self.register_buffer("projection_matrix", gaussian_orthogonal_random_matrix(
                 nb_features, self.head_dim, scaling=ortho_scaling))
             self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self._calls: int | None = None  # host copy of `calls`, read from the buffer once after each load
 
     @torch.no_grad()
     def redraw_features(self) -> None:
@@ -92,14 +94,27 @@ class PerformerAttention(SelfAttention):
         self.projection_matrix.copy_(gaussian_orthogonal_random_matrix(
             self.nb_features, self.head_dim, scaling=self.ortho_scaling, device=self.projection_matrix.device))
 
+    @torch.compiler.disable
+    @torch.no_grad()
+    def count_training_call(self) -> None:
+        """Redraw the features at every `redraw_interval`-th training call after the first interval."""
+        if self._calls is None:
+            self._calls = int(self.calls)
+        if self._calls > 0 and self._calls % self.redraw_interval == 0:
+            self.redraw_features()
+        self._calls += 1
+        self.calls.fill_(self._calls)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._calls = None
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         if self.kernel == "relu":
             phi_q, phi_k = F.relu(q.float()) + 1e-3, F.relu(k.float()) + 1e-3  # (B, nh, N, hd)
         else:
             if self.training and self.redraw_interval > 0:
-                if self.calls > 0 and int(self.calls) % self.redraw_interval == 0:
-                    self.redraw_features()
-                self.calls += 1
+                self.count_training_call()
             phi_q = softmax_kernel_features(q, self.projection_matrix, is_query=True)  # (B, nh, N, m)
             phi_k = softmax_kernel_features(k, self.projection_matrix, is_query=False, mask=mask)  # (B, nh, N, m)
         if mask is not None:

@@ -20,11 +20,10 @@ are driven by one mask predicate.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from shared.blocks.attention.sliding_window import BACKENDS, MASK_MODS, dense_mask, flex_attend, resolve_backend
-from shared.blocks.attention.softmax import SelfAttention
+from shared.blocks.attention.softmax import SelfAttention, masked_sdpa
 from shared.blocks.rope import RotaryEmbedding, apply_rotary
 
 
@@ -67,7 +66,7 @@ def segmented_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, num_p
     if resolve_backend(backend, q) == "flex":
         return flex_attend(q, k, v, ("segmented", *args))
     mask = dense_mask(segmented_mask_mod(*args), n, n_kv, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return masked_sdpa(q, k, v, mask)
 
 
 class SegmentedAttention(SelfAttention):

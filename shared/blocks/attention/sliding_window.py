@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shared.blocks.attention import register_attention
-from shared.blocks.attention.softmax import SelfAttention, keep_nonempty_rows
+from shared.blocks.attention.softmax import SelfAttention, keep_nonempty_rows, masked_sdpa
 from shared.blocks.rope import RotaryEmbedding
 
 BACKENDS = ("auto", "flex", "sdpa")
@@ -104,7 +104,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None
     if resolve_backend(backend, q) == "flex":
         return flex_attend(q, k, v, ("sliding_window", window, prefix))
     mask = dense_mask(sliding_window_mask_mod(window, prefix), n, n, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return masked_sdpa(q, k, v, mask)
 
 
 class SlidingWindowAttention(SelfAttention):
@@ -137,7 +137,7 @@ class SlidingWindowAttention(SelfAttention):
         n = q.shape[-2]
         allowed = dense_mask(sliding_window_mask_mod(self.window, self.prefix), n, n, q.device)  # (N, N)
         allowed = keep_nonempty_rows(allowed[None, None] & mask[:, None, None, :])  # (B, 1, N, N)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return masked_sdpa(q, k, v, allowed)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}, prefix={self.prefix}, backend={self.backend}"

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.blocks.attention.softmax import masked_sdpa
+
 
 def use_fused_attn(head_dim: int | None = None) -> bool:
     """The default attention path for heads of `head_dim` channels (module docstring)."""
@@ -131,13 +133,13 @@ def biased_attention(
             attn = F.dropout(attn, p=dropout_p)
         return attn @ v
     if q.dim() == 4:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
+        return masked_sdpa(q, k, v, bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
     *lead, nh, nq, hd = q.shape
     nk = k.shape[-2]
     bias = bias.expand(*lead, nh, nq, nk).reshape(-1, nh, nq, nk)  # (prod(lead), nh, Nq, Nk)
-    out = F.scaled_dot_product_attention(
+    out = masked_sdpa(
         q.reshape(-1, nh, nq, hd), k.reshape(-1, nh, nk, hd), v.reshape(-1, nh, nk, hd),
-        attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale,
+        bias.to(q.dtype), dropout_p=dropout_p, scale=scale,
     )  # (prod(lead), nh, Nq, hd)
     return out.view(*lead, nh, nq, hd)
 
