@@ -125,6 +125,17 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.slow
+def test_non_finite_gradient_with_a_finite_loss_also_stops_before_the_update(cli):
+    result = cli(*TOY, "model.nan_grad_at_step=20", check=False)
+    assert result.returncode == 1
+    assert "gradients are not finite (the loss was) at step 20" in result.stdout + result.stderr
+    state = torch.load(cli.outputs / "toy" / "model.nan_grad_at_step-20" / "checkpoints" / "last.ckpt",
+                       weights_only=True)
+    assert state["global_step"] == 16
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_clear_error(cli):
     cli(*TOY, "run_id=small", "model.hidden=16", "trainer.max_epochs=1")
     other = cli.outputs / "toy" / "small" / "checkpoints" / "last.ckpt"

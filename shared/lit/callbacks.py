@@ -99,24 +99,36 @@ def _call_or(module: Any, name: str, batch: Any, default: int) -> int:
 
 
 class NonFiniteLossGuard(Callback):
-    """Stops the run, before the update, at the first NaN or Inf training loss, naming the step.
+    """Stops the run, before the update, at the first NaN or Inf training loss or gradient, naming the step.
 
     The weights are never touched by the bad step, and no checkpoint is written after it, so the last one on
-    disk is the last good state.
+    disk is the last good state. Gradients are checked too because a finite loss can still give NaN gradients
+    (e.g. a fused attention kernel's backward); under fp16 (`16-mixed`) the gradient scaler already skips steps
+    with Inf gradients by design, so only the loss is checked there.
     """
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         bad = not bool(torch.isfinite(loss.detach()).all())
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if not bad:
+        if bad:
+            self._stop(trainer, f"training loss is {loss.detach().float().mean().item()}")
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if str(trainer.precision) == "16-mixed":
             return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # after DDP's all-reduce every rank holds the same gradients: no collective needed
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()):
+            self._stop(trainer, "gradients are not finite (the loss was)")
+
+    @staticmethod
+    def _stop(trainer: pl.Trainer, what: str) -> None:
         ckpt = trainer.checkpoint_callback
         last = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         raise NonFiniteLossError(
-            f"training loss is {loss.detach().float().mean().item()} at step {trainer.global_step} "
-            f"(epoch {trainer.current_epoch}); stopped before the update, {kept}"
+            f"{what} at step {trainer.global_step} (epoch {trainer.current_epoch}); stopped before the update, {kept}"
         )
 
 

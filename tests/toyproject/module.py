@@ -10,7 +10,8 @@ from tests.toyproject.model import toy_mlp
 
 class ToyModule(PaperModule):
     def __init__(self, hidden: int = 32, dropout: float = 0.1, nan_at_step: int | None = None,
-                 optimizer: dict | None = None, scheduler: dict | None = None) -> None:
+                 nan_grad_at_step: int | None = None, optimizer: dict | None = None,
+                 scheduler: dict | None = None) -> None:
         super().__init__(optimizer or {"name": "adamw", "lr": 1e-2}, scheduler)
         self.save_hyperparameters()
         self.model = toy_mlp(hidden=hidden, dropout=dropout)
@@ -21,6 +22,9 @@ class ToyModule(PaperModule):
         loss = F.mse_loss(self.model(x).squeeze(-1), y)
         if self.hparams.nan_at_step is not None and self.global_step >= self.hparams.nan_at_step:
             loss = loss * float("nan")
+        if self.hparams.nan_grad_at_step is not None and self.global_step >= self.hparams.nan_grad_at_step:
+            # finite (0 * sqrt(0)) forward, NaN (0 * inf) gradient
+            loss = loss + 0.0 * torch.sqrt(self.model[0].weight.sum() * 0.0)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
