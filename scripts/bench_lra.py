@@ -19,6 +19,10 @@ weight decay) with as many steps as the budget allows after a timed warm-up; the
 160k images, far more than a few minutes. Data generation runs on every CPU core and its rate is printed;
 generated data is cached (`FORMERLAB_CACHE`, default ~/.cache/formerlab).
 
+The masked-attention NaN check (seconds; see `shared/blocks/attention/softmax.py`, `MASKED_BACKENDS`):
+
+    python scripts/bench_lra.py --check-sdpa
+
 Results go to stdout and, when `OUT` is set, to $OUT/bench_lra.json.
 """
 
@@ -154,21 +158,74 @@ def bench_speed(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The masked-SDPA NaN of pytorch/pytorch#196678 on this GPU
+
+
+def check_sdpa(device: torch.device, quick: bool) -> dict:
+    """Non-finite entries of dQ from masked SDPA, PyTorch's default dispatch vs `shared.blocks.attention`'s `sdpa`.
+
+    The conditions of the cuDNN bug: an explicit key mask (the LRA padding mask, (B, 1, 1, N)), a key length of
+    64 modulo 128, and query rows whose logsumexp is below -88.7 (every logit about -120 here, as attention logits
+    grown at a high learning rate can be). Lengths 768 and 1,024 are controls; attention dropout 0.1 is what the
+    LRA models train with.
+    """
+    from shared.blocks.attention.softmax import sdpa
+
+    b, h = (1, 1) if quick else (4, 8)
+    results = {}
+    for n in (704, 768, 1024, 1984):
+        gen = torch.Generator(device).manual_seed(0)
+        q, k = (0.1 * torch.randn(b, h, n, 64, device=device, generator=gen) for _ in range(2))
+        v = torch.randn(b, h, n, 64, device=device, generator=gen)
+        q[..., 0], k[..., 0] = 1.0, -120.0 * 8  # every logit ~ -120
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        mask = torch.ones(b, 1, 1, n, dtype=torch.bool, device=device)
+        mask[-1, ..., n - 100:] = False  # padded keys in the last sequence
+        grad_out = torch.randn(b, h, n, 64, device=device, generator=gen).to(torch.bfloat16)
+        for p in (0.0, 0.1):
+            row = {}
+            if device.type == "cuda":
+                grads = [t.detach().requires_grad_() for t in (q, k, v)]  # the choice depends on training
+                choice = int(torch._fused_sdp_choice(*grads, attn_mask=mask, dropout_p=p))
+                row["default_backend"] = SDPBACKEND_NAMES.get(choice, str(choice))
+            for name in ("default", "shared_sdpa"):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                if name == "default":
+                    out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, dropout_p=p)
+                else:
+                    out = sdpa(*leaves, mask, dropout_p=p)
+                out.backward(grad_out)
+                row[f"{name}_nonfinite_dq"] = int((~torch.isfinite(leaves[0].grad)).sum())
+            results[f"N={n} dropout={p}"] = row
+            print(f"  N={n:<5} dropout {p}: " + "  ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+    default_bad = sum(row["default_nonfinite_dq"] > 0 for row in results.values())
+    shared_bad = sum(row["shared_sdpa_nonfinite_dq"] > 0 for row in results.values())
+    print(f"\nmasked SDPA: non-finite dQ in {default_bad} of {len(results)} cases with PyTorch's default dispatch, "
+          f"in {shared_bad} with shared.blocks.attention's sdpa (expected 0)")
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
+            "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "results": results}
+
+
+SDPBACKEND_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Data generation on every core
 
 
-def _listops_chunk(job: tuple[int, int]) -> list[tuple[str, int]]:
-    count, seed = job
-    return listops.generate(count, seed)
+def _listops_chunk(job: tuple[int, int, dict[str, int]]) -> list[tuple[str, int]]:
+    count, seed, bounds = job
+    return listops.generate(count, seed, **bounds)
 
 
-def listops_data(sizes: dict[str, int], seed: int, workers: int) -> dict[str, tasks.SequenceDataset]:
-    """The official generator on `workers` processes (one stream each), deduplicated across streams."""
+def listops_data(sizes: dict[str, int], seed: int, workers: int, **bounds: int) -> dict[str, tasks.SequenceDataset]:
+    """The official generator on `workers` processes (one stream each), deduplicated across streams; `bounds`:
+    min_length / max_length other than the official 500 / 2000."""
     total = sum(sizes.values())
     per = -(-total * 11 // 10 // workers)  # 10% spare for duplicates between streams
     t = time.time()
     with ProcessPoolExecutor(workers) as pool:
-        chunks = list(pool.map(_listops_chunk, [(per, seed * 1000 + w) for w in range(workers)]))
+        chunks = list(pool.map(_listops_chunk, [(per, seed * 1000 + w, bounds) for w in range(workers)]))
     rows = list(dict.fromkeys(row for chunk in chunks for row in chunk))[:total]
     rate = len(rows) / (time.time() - t)
     print(f"ListOps generation: {len(rows)} examples in {time.time() - t:.1f} s "
@@ -200,32 +257,38 @@ def pathfinder_data(sizes: dict[str, int], seed: int, workers: int, difficulty: 
 
 
 class DeviceData:
-    """A whole split on the device: tokens padded to the longest sequence (int16), lengths and labels."""
+    """A whole split on the device: tokens padded to the longest sequence (int16) and labels; the lengths stay on
+    the host, so that cutting a batch to its longest sequence needs no device-to-host copy."""
 
-    def __init__(self, dataset: tasks.SequenceDataset, device: torch.device) -> None:
-        lengths = np.asarray([len(seq) for seq in dataset.sequences])
-        tokens = np.zeros((len(lengths), lengths.max()), dtype=np.int16)
+    def __init__(self, dataset: tasks.SequenceDataset, device: torch.device, pad_multiple: int = 128) -> None:
+        self.lengths = np.asarray([len(seq) for seq in dataset.sequences])
+        tokens = np.zeros((len(self.lengths), self.lengths.max()), dtype=np.int16)
         for i, seq in enumerate(dataset.sequences):
             tokens[i, :len(seq)] = seq
         self.tokens = torch.from_numpy(tokens).to(device)
-        self.lengths = torch.from_numpy(lengths).to(device)
         self.labels = torch.from_numpy(dataset.labels).to(device)
+        self.pad_multiple = pad_multiple
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batches(self, batch_size: int, generator: torch.Generator | None):
-        """Batches of (tokens (B, longest in batch) int64, labels); shuffled, dropping the remainder, with a
-        generator, in order and complete without."""
+        """Batches of (tokens (B, width) int64, labels); shuffled, dropping the remainder, with a generator, in
+        order and complete without. The width is the batch's longest sequence rounded up to `pad_multiple` (at
+        most the split's longest): padded keys are masked and ListOps pools the CLS token (Pathfinder images all
+        have 1,024 tokens), so the outputs are those of the unrounded batch, and at most 16 widths instead of
+        hundreds keep kernel plans, the allocator and torch.compile warm."""
         n = len(self)
         if generator is None:
-            order, stop = torch.arange(n, device=self.labels.device), n
+            order, stop = torch.arange(n), n
         else:
-            order, stop = torch.randperm(n, generator=generator).to(self.labels.device), n - batch_size + 1
+            order, stop = torch.randperm(n, generator=generator), n - batch_size + 1
+        lengths, order_on_device = self.lengths[order.numpy()], order.to(self.labels.device)  # one copy per epoch
         for start in range(0, stop, batch_size):
-            index = order[start:start + batch_size]
-            longest = int(self.lengths[index].max())
-            yield self.tokens[index, :longest].long(), self.labels[index]
+            longest = int(lengths[start:start + batch_size].max())
+            width = min(-(-longest // self.pad_multiple) * self.pad_multiple, self.tokens.shape[1])
+            index = order_on_device[start:start + batch_size]
+            yield self.tokens[index, :width].long(), self.labels[index]
 
 
 @torch.no_grad()
@@ -246,7 +309,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     if args.train == "listops":
         sizes = ({"train": 96_000, "val": 2_000, "test": 2_000} if not args.quick
                  else {"train": 256, "val": 32, "test": 64})
-        data = listops_data(sizes, args.seed, workers)
+        data = listops_data(sizes, args.seed, workers, **({"min_length": 20, "max_length": 200} if args.quick else {}))
         model_name, batch_size, total_steps = "listops_transformer", 32, 5000 if not args.quick else 4
         optim = dict(name="adamw", lr=0.05 / math.sqrt(1000), weight_decay=0.1, betas=(0.9, 0.98), eps=1e-9)
         sched = dict(name="rsqrt", warmup_steps=1000)
@@ -263,7 +326,8 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     if args.compile:
         model = torch.compile(model, dynamic=True)
     optimizer = build_optimizer(model, **optim)
-    train_data, test_data = DeviceData(data["train"], device), DeviceData(data["test"], device)
+    train_data = DeviceData(data["train"], device, args.pad_multiple)
+    test_data = DeviceData(data["test"], device, args.pad_multiple)
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = len(train_data) // batch_size
 
@@ -308,13 +372,22 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         print(f"{per_step * 1e3:.1f} ms/step -> {total_steps} steps ({epochs:.1f} epochs "
               f"of {len(data['train'])} images) in the budget")
     scheduler = build_scheduler(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **sched)
-    t0 = time.time()
-    losses, done = [], 0
+    t0 = t_log = time.time()
+    losses, done, diverged = [], 0, None
     for done in range(1, total_steps + 1):
         losses.append(step(scheduler))
         if done % args.log_every == 0:
-            print(f"step {done}/{total_steps} loss {torch.stack(losses[-args.log_every:]).mean():.4f} "
-                  f"{done / (time.time() - t0):.1f} steps/s", flush=True)
+            window = torch.stack(losses[-args.log_every:])
+            now = time.time()
+            print(f"step {done}/{total_steps} loss {window.mean():.4f} {args.log_every / (now - t_log):.1f} "
+                  f"steps/s ({done / (now - t0):.1f} since the start)", flush=True)
+            t_log = now
+            bad = (~torch.isfinite(window)).nonzero()
+            if len(bad):
+                diverged = done - len(window) + 1 + int(bad[0])
+                print(f"the training loss is not finite at step {diverged}: stopping (the test accuracy below is "
+                      f"that of the broken weights)")
+                break
         if time.time() - start > budget:
             print(f"budget of {args.minutes} min reached at step {done}")
             break
@@ -324,8 +397,10 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     target = {"listops": "within 2 points of 36.37", "pathfinder32": ">= 71.40"}[args.train]
     print(f"\n{args.train}: test accuracy {100 * accuracy:.2f} (paper Transformer: "
           f"{ {'listops': 36.37, 'pathfinder32': 71.40}[args.train]}; target {target}); majority class "
-          f"{100 * counts.max() / counts.sum():.2f}; {done} steps in {train_seconds:.0f} s on {device}, bf16")
+          f"{100 * counts.max() / counts.sum():.2f}; {done} steps in {train_seconds:.0f} s on {device}, "
+          f"{'bf16' if device.type == 'cuda' else 'float32'}")
     return {"task": args.train, "test_accuracy": accuracy, "steps": done, "train_seconds": train_seconds,
+            "first_non_finite_step": diverged,
             "device": str(device), "batch_size": batch_size, "train_examples": len(data["train"]),
             "majority": float(counts.max() / counts.sum())}
 
@@ -333,11 +408,15 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", choices=["listops", "pathfinder32"], help="train instead of the speed table")
+    parser.add_argument("--check-sdpa", action="store_true",
+                        help="only check masked SDPA for the NaN gradients of pytorch/pytorch#196678 (seconds)")
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget (wall clock)")
     parser.add_argument("--train-size", type=int, default=40_000, help="generated Pathfinder training images")
     parser.add_argument("--difficulty", default="curv_contour_length_14", help="Pathfinder level")
     parser.add_argument("--grad-clip", type=float, default=0.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--pad-multiple", type=int, default=128,
+                        help="round each training batch's length up to a multiple of this (1: the batch maximum)")
     parser.add_argument("--workers", type=int, default=0, help="data generation processes (0: all cores)")
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -352,12 +431,17 @@ def main() -> None:
         args.lengths, args.batch, args.warmup, args.iters, args.minutes, args.log_every = "128,256", 2, 1, 2, 0.5, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    result = train(args, device) if args.train else bench_speed(args, device)
+    if args.check_sdpa:
+        result, key = check_sdpa(device, args.quick), "sdpa_check"
+    elif args.train:
+        result, key = train(args, device), args.train
+    else:
+        result, key = bench_speed(args, device), "speed"
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "bench_lra.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(path.read_text()) if path.is_file() else {}
-        previous[args.train or "speed"] = result
+        previous[key] = result
         path.write_text(json.dumps(previous, indent=1))
 
 

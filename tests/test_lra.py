@@ -20,6 +20,7 @@ from projects.lra import tasks
 from projects.lra.data import LRADataModule
 from shared.data.synthetic import listops, pathfinder
 from shared.lit.errors import DatasetError
+from tests.test_attention import record_sdpa_calls
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -380,6 +381,27 @@ def test_experiment_configs_compose_and_build(experiment):
         module = instantiate(model_cfg, _convert_="all")
     assert module.task == cfg.lra.task == cfg.data.task
     assert module.attention_name == cfg.attention.name
+
+
+def test_listops_recipe_trains_its_padded_batches_without_cudnn_attention(monkeypatch):
+    # The NaN of the first H200 ListOps run (README, "GPU reproduction"): cuDNN's masked SDPA backward. The
+    # module the lra/listops experiment builds (the bench builds the same model) must keep every masked attention
+    # call off that backend; here a bf16 step on a batch whose attention length (63 tokens + CLS) is 64 mod 128.
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    calls = record_sdpa_calls(monkeypatch)
+    model_cfg = OmegaConf.to_container(compose("experiment=lra/listops").model, resolve=True)
+    model_cfg["model_kwargs"] = {"num_layers": 2, "emb_dim": 64, "qkv_dim": 64, "mlp_dim": 128}
+    module = instantiate(model_cfg, _convert_="all").train()
+    torch.manual_seed(0)
+    inputs = torch.randint(1, 16, (4, 63))
+    inputs[1:, 40:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(module({"inputs": inputs}).float(), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert len(calls) == 2 and all(masked and not cudnn for masked, cudnn in calls)
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
 
 
 def test_lra_table_collects_runs(tmp_path):
