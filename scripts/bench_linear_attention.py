@@ -12,6 +12,7 @@
    beats SDPA (crossover). Full results go to $OUT/bench_linear_attention.json when OUT is set.
 
     python scripts/bench_linear_attention.py            # on the GPU machine (~2-3 minutes)
+    python scripts/bench_linear_attention.py --skip-timing  # the correctness check alone
     python scripts/bench_linear_attention.py --quick    # smoke run (CPU: Triton interpreted, tiny sizes)
 
 fla layout is [B, T, H, D]; ours and SDPA's (B, H, T, D): each is timed on inputs already in its own layout.
@@ -265,6 +266,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     parser.add_argument("--tune", action="store_true", help="also sweep chunk / warps / stages")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true", help="only the real-size correctness check")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference in full precision
     fla = try_fla() if DEVICE == "cuda" else None
@@ -289,9 +291,10 @@ def main() -> None:
     if args.tune and DEVICE == "cuda":
         result["tuning"] = tune(args)
         save()
-    result["timing"] = timing(args, fla)
-    result["crossover_vs_sdpa"] = table(result["timing"])
-    save()
+    if not args.skip_timing:
+        result["timing"] = timing(args, fla)
+        result["crossover_vs_sdpa"] = table(result["timing"])
+        save()
     if not args.skip_check:  # last: the timing table is the primary result
         result["correctness"] = check(args, fla)
         save()
