@@ -200,6 +200,7 @@ class TitansLM(nn.Module):
 # At b = 64 a chunk's stale gradients add up (times 1 / (1 - eta) with momentum): with theta_max = 1 or 1/64 the
 # deep memory of "small" diverged to NaN within 12 outer steps at lr 1.5e-3; theta_max = 0.0016 is TTT-MLP's
 # bound on its per-token inner step (eta_base / d = 0.1 / 64, Sun et al. 2024), the paper giving none.
+_MEMORY_B64 = dict(depth=2, expansion=2.0, chunk_size=64, theta_max=0.0016, theta_init=0.0004)
 
 _SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, dim=128, num_heads=4, window=128, segment_len=128, num_persistent=4, max_len=1024,
@@ -207,10 +208,10 @@ _SIZES: dict[str, dict[str, Any]] = {
                  memory=dict(depth=2, expansion=2.0, chunk_size=32)),
     "small": dict(vocab_size=256, dim=384, num_heads=6, window=256, segment_len=256, num_persistent=4, max_len=16384,
                   depth=dict(transformer=9, lmm=8, mac=6, mag=6, mal=6),
-                  memory=dict(depth=2, expansion=2.0, chunk_size=64, theta_max=0.0016, theta_init=0.0004)),
+                  memory=_MEMORY_B64),
     "340m": dict(vocab_size=32000, dim=1024, num_heads=16, window=512, segment_len=512, num_persistent=4, max_len=4096,
                  depth=dict(transformer=24, lmm=20, mac=16, mag=16, mal=16),
-                 memory=dict(depth=2, expansion=2.0, chunk_size=64, theta_max=0.0016, theta_init=0.0004)),
+                 memory=_MEMORY_B64),
 }
 
 
