@@ -11,6 +11,7 @@ Training (reproduction of the paper's Transformer row on generated data, bf16, a
 
     python scripts/bench_lra.py --train listops --minutes 4         # target: within 2 points of 36.37
     python scripts/bench_lra.py --train pathfinder32 --minutes 4    # target: >= 71.40
+    python scripts/bench_lra.py --train listops --minutes 8 --fp32  # float32, as the official runs
 
 ListOps follows the official recipe (96k/2k/2k generated examples, batch 32, 5,000 steps, Adam(0.9, 0.98, 1e-9),
 weight decay 0.1, linear warm-up 1,000 then rsqrt decay, peak lr 0.05 / sqrt(1000)) and stops early only if the
@@ -79,8 +80,8 @@ def cuda_time(fn, iters: int) -> float:
     return float(np.median(times))
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, bf16: bool = True):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,11 +293,11 @@ class DeviceData:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, device: torch.device, bf16: bool) -> float:
     model.eval()
     correct = 0
     for tokens, labels in data.batches(batch_size, None):
-        with autocast(device):
+        with autocast(device, bf16):
             correct += int((model(tokens).argmax(-1) == labels).sum())
     model.train()
     return correct / len(data)
@@ -339,7 +340,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
 
     def step(scheduler=None) -> torch.Tensor:
         tokens, labels = next(it)
-        with autocast(device):
+        with autocast(device, not args.fp32):
             loss = F.cross_entropy(model(tokens).float(), labels)
         loss.backward()
         if args.grad_clip:
@@ -392,13 +393,13 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
             print(f"budget of {args.minutes} min reached at step {done}")
             break
     train_seconds = time.time() - t0
-    accuracy = evaluate(model, test_data, 256 if args.train == "listops" else 1024, device)
+    accuracy = evaluate(model, test_data, 256 if args.train == "listops" else 1024, device, not args.fp32)
     counts = np.bincount(data["test"].labels, minlength=2)
     target = {"listops": "within 2 points of 36.37", "pathfinder32": ">= 71.40"}[args.train]
     print(f"\n{args.train}: test accuracy {100 * accuracy:.2f} (paper Transformer: "
           f"{ {'listops': 36.37, 'pathfinder32': 71.40}[args.train]}; target {target}); majority class "
           f"{100 * counts.max() / counts.sum():.2f}; {done} steps in {train_seconds:.0f} s on {device}, "
-          f"{'bf16' if device.type == 'cuda' else 'float32'}")
+          f"{'bf16' if device.type == 'cuda' and not args.fp32 else 'float32'}")
     return {"task": args.train, "test_accuracy": accuracy, "steps": done, "train_seconds": train_seconds,
             "first_non_finite_step": diverged,
             "device": str(device), "batch_size": batch_size, "train_examples": len(data["train"]),
@@ -411,6 +412,7 @@ def main() -> None:
     parser.add_argument("--check-sdpa", action="store_true",
                         help="only check masked SDPA for the NaN gradients of pytorch/pytorch#196678 (seconds)")
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget (wall clock)")
+    parser.add_argument("--fp32", action="store_true", help="train in float32 (the official precision), no autocast")
     parser.add_argument("--train-size", type=int, default=40_000, help="generated Pathfinder training images")
     parser.add_argument("--difficulty", default="curv_contour_length_14", help="Pathfinder level")
     parser.add_argument("--grad-clip", type=float, default=0.0)
