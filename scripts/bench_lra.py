@@ -18,7 +18,9 @@ weight decay 0.1, linear warm-up 1,000 then rsqrt decay, peak lr 0.05 / sqrt(100
 budget runs out. Pathfinder-32 follows its recipe (batch 512, lr 1e-3, one epoch of warm-up, cosine decay, no
 weight decay) with as many steps as the budget allows after a timed warm-up; the official run is 200 epochs of
 160k images, far more than a few minutes. Data generation runs on every CPU core and its rate is printed;
-generated data is cached (`FORMERLAB_CACHE`, default ~/.cache/formerlab).
+generated data is cached (`FORMERLAB_CACHE`, default ~/.cache/formerlab). Training evaluates the validation split
+every `--eval-every` steps and reports the test accuracy of the best-validation weights (the official protocol) next
+to that of the final weights.
 
 The masked-attention NaN check (seconds; see `shared/blocks/attention/softmax.py`, `MASKED_BACKENDS`):
 
@@ -328,7 +330,9 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         model = torch.compile(model, dynamic=True)
     optimizer = build_optimizer(model, **optim)
     train_data = DeviceData(data["train"], device, args.pad_multiple)
+    val_data = DeviceData(data["val"], device, args.pad_multiple)
     test_data = DeviceData(data["test"], device, args.pad_multiple)
+    eval_batch = 256 if args.train == "listops" else 1024
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = len(train_data) // batch_size
 
@@ -373,6 +377,27 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         print(f"{per_step * 1e3:.1f} ms/step -> {total_steps} steps ({epochs:.1f} epochs "
               f"of {len(data['train'])} images) in the budget")
     scheduler = build_scheduler(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **sched)
+    # The official trainer evaluates on validation every `eval_frequency` steps and the paper reports the model
+    # selected there; its final ListOps weights can fall back to the majority class (long-range-arena issue #15).
+    val_history: list[list[float]] = []
+    best_val, best_step, best_state = -1.0, None, None
+
+    def validate(at_step: int) -> float:
+        """Validation accuracy at `at_step`, keeping a device copy of the weights when it is the best so far;
+        returns the seconds spent, for the training-rate prints to leave out."""
+        nonlocal best_val, best_step, best_state
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # queued training steps are not evaluation time
+        t = time.time()
+        accuracy = evaluate(model, val_data, eval_batch, device, not args.fp32)
+        val_history.append([at_step, accuracy])
+        if accuracy > best_val:
+            best_val, best_step = accuracy, at_step
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        print(f"step {at_step} val accuracy {100 * accuracy:.2f} (best {100 * best_val:.2f} at step {best_step})",
+              flush=True)
+        return time.time() - t
+
     t0 = t_log = time.time()
     losses, done, diverged = [], 0, None
     for done in range(1, total_steps + 1):
@@ -386,22 +411,37 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
             bad = (~torch.isfinite(window)).nonzero()
             if len(bad):
                 diverged = done - len(window) + 1 + int(bad[0])
-                print(f"the training loss is not finite at step {diverged}: stopping (the test accuracy below is "
-                      f"that of the broken weights)")
+                print(f"the training loss is not finite at step {diverged}: stopping (the final-weights test "
+                      f"accuracy below is that of the broken weights)")
                 break
-        if time.time() - start > budget:
+        out_of_time = time.time() - start > budget
+        if args.eval_every and (done % args.eval_every == 0 or done == total_steps or out_of_time):
+            # Shift the window's start past the evaluation: resetting it to now would credit the steps before the
+            # evaluation to the time after it.
+            t_log += validate(done)
+        if out_of_time:
             print(f"budget of {args.minutes} min reached at step {done}")
             break
     train_seconds = time.time() - t0
-    accuracy = evaluate(model, test_data, 256 if args.train == "listops" else 1024, device, not args.fp32)
+    final_accuracy = evaluate(model, test_data, eval_batch, device, not args.fp32)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        accuracy = evaluate(model, test_data, eval_batch, device, not args.fp32)
+        headline = (f"test accuracy {100 * accuracy:.2f} with the best-validation weights (step {best_step}, "
+                    f"val {100 * best_val:.2f}), {100 * final_accuracy:.2f} with the final weights")
+    else:
+        accuracy = final_accuracy
+        headline = f"test accuracy {100 * accuracy:.2f} with the final weights (no validation)"
     counts = np.bincount(data["test"].labels, minlength=2)
     target = {"listops": "within 2 points of 36.37", "pathfinder32": ">= 71.40"}[args.train]
-    print(f"\n{args.train}: test accuracy {100 * accuracy:.2f} (paper Transformer: "
+    print(f"\n{args.train}: {headline} (paper Transformer, selected by validation: "
           f"{ {'listops': 36.37, 'pathfinder32': 71.40}[args.train]}; target {target}); majority class "
           f"{100 * counts.max() / counts.sum():.2f}; {done} steps in {train_seconds:.0f} s on {device}, "
           f"{'bf16' if device.type == 'cuda' and not args.fp32 else 'float32'}")
-    return {"task": args.train, "test_accuracy": accuracy, "steps": done, "train_seconds": train_seconds,
-            "first_non_finite_step": diverged,
+    return {"task": args.train, "test_accuracy": accuracy, "final_test_accuracy": final_accuracy,
+            "best_val_accuracy": best_val if best_state is not None else None, "best_val_step": best_step,
+            "val_history": val_history, "eval_every": args.eval_every,
+            "steps": done, "train_seconds": train_seconds, "first_non_finite_step": diverged,
             "device": str(device), "batch_size": batch_size, "train_examples": len(data["train"]),
             "majority": float(counts.max() / counts.sum())}
 
@@ -421,6 +461,8 @@ def main() -> None:
                         help="round each training batch's length up to a multiple of this (1: the batch maximum)")
     parser.add_argument("--workers", type=int, default=0, help="data generation processes (0: all cores)")
     parser.add_argument("--log-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=100,
+                        help="training steps between validation evaluations (and at the last step; 0: none)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--lengths", default="1024,2048,3072,4096")
     parser.add_argument("--batch", type=int, default=32)
@@ -431,6 +473,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.batch, args.warmup, args.iters, args.minutes, args.log_every = "128,256", 2, 1, 2, 0.5, 2
+        args.eval_every = 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.check_sdpa:

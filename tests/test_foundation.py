@@ -208,6 +208,31 @@ def test_tensorboard_logger(cli):
 
 
 @pytest.mark.slow
+def test_test_ckpt_best_tests_the_validation_selected_checkpoint(cli):
+    cli(*TOY, "trainer.max_epochs=3", "test_ckpt=best", "callbacks.model_checkpoint.monitor=val/loss",
+        "callbacks.model_checkpoint.mode=min", "run_id=best")
+    run_dir = cli.outputs / "toy" / "best"
+    rows = read_metrics(run_dir)
+    (best,) = (run_dir / "checkpoints").glob("step*.ckpt")
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    monitor = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert float(monitor["best_model_score"]) == pytest.approx(min(float(r["val/loss"]) for r in rows
+                                                                   if r.get("val/loss")))
+    tested = last_value(rows, "test/loss")
+    result = cli(*TOY, f"weights={best}", script="eval.py")
+    assert f"test/loss  {tested:.4f}" in result.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["test_ckpt=bst"], "test_ckpt='bst': use null"),
+    (["test_ckpt=best"], "test_ckpt=best needs a monitored checkpoint"),
+])
+def test_bad_test_ckpt_is_one_line_before_training(cli, overrides, message):
+    result = cli(*TOY, *overrides, check=False)
+    assert result.returncode == 1 and message in result.stdout + result.stderr
+    assert not list(cli.outputs.glob("toy/*/checkpoints/*.ckpt"))
+
+
 def test_eval_reproduces_the_test_metric_of_a_checkpoint(cli):
     cli(*TOY, "trainer.max_epochs=1")
     run_dir = cli.outputs / "toy" / "trainer.max_epochs-1"

@@ -74,7 +74,7 @@ class LRAModule(PaperModule):
             return
         results = {"task": self.task, "attention": self.attention_name, "arch": self.arch,
                    "params": sum(p.numel() for p in self.model.parameters()), "step": int(self.global_step),
-                   **metrics}
+                   "weights": Path(self.trainer.ckpt_path).name if self.trainer.ckpt_path else "final", **metrics}
         path = Path(self.trainer.default_root_dir) / "results.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1) + "\n")

@@ -66,10 +66,12 @@ def _run(cfg: DictConfig) -> float | None:
         lg.log_hyperparams({**config, "git": git_state()})
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    _check_test_ckpt(cfg.get("test_ckpt"), trainer)
     with checkpoint_errors(ckpt_path, cfg.project.name):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if cfg.get("test", True) and _has_test(datamodule):
-        trainer.test(module, datamodule=datamodule)
+        test_ckpt = _test_checkpoint(cfg.get("test_ckpt"), trainer)
+        trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True if test_ckpt else None)
 
     if cfg.get("optimized_metric"):
         value = trainer.callback_metrics.get(cfg.optimized_metric)
@@ -137,6 +139,29 @@ class checkpoint_errors:
                 f"{self.ckpt_path} does not fit this {self.project} model ({first[:300]})"
             ) from None
         return False
+
+
+def _check_test_ckpt(test_ckpt: str | None, trainer: pl.Trainer) -> None:
+    """Refuse a bad `test_ckpt` before training, not after it."""
+    if test_ckpt is None:
+        return
+    if test_ckpt != "best":
+        raise ConfigError(f"test_ckpt={test_ckpt!r}: use null (the final weights) or best")
+    if getattr(trainer.checkpoint_callback, "monitor", None) is None:
+        raise ConfigError("test_ckpt=best needs a monitored checkpoint: set callbacks.model_checkpoint.monitor "
+                          "(and .mode) to a validation metric")
+
+
+def _test_checkpoint(test_ckpt: str | None, trainer: pl.Trainer) -> str | None:
+    """The checkpoint `test_ckpt` names after fitting: None (the final weights) or the monitored best."""
+    if test_ckpt is None:
+        return None
+    checkpoint = trainer.checkpoint_callback
+    if not checkpoint.best_model_path:
+        raise ConfigError(f"test_ckpt=best: no checkpoint was selected on {checkpoint.monitor} (did validation run "
+                          "before the end of training? see trainer.val_check_interval)")
+    log.info(f"testing {checkpoint.best_model_path} ({checkpoint.monitor} = {float(checkpoint.best_model_score):.4f})")
+    return checkpoint.best_model_path
 
 
 def _has_test(datamodule: Any) -> bool:
