@@ -223,6 +223,13 @@ def test_test_ckpt_best_tests_the_validation_selected_checkpoint(cli):
     assert f"test/loss  {tested:.4f}" in result.stdout
 
 
+def test_test_ckpt_best_without_validation_tests_the_final_weights(cli):
+    result = cli(*TOY, "trainer.max_epochs=1", "test_ckpt=best", "callbacks.model_checkpoint.monitor=val/loss",
+                 "+trainer.limit_val_batches=0", "run_id=noval")
+    assert "validation never ran" in result.stdout + result.stderr
+    assert last_value(read_metrics(cli.outputs / "toy" / "noval"), "test/loss") > 0
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["test_ckpt=bst"], "test_ckpt='bst': use null"),
     (["test_ckpt=best"], "test_ckpt=best needs a monitored checkpoint"),

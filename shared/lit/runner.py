@@ -153,13 +153,15 @@ def _check_test_ckpt(test_ckpt: str | None, trainer: pl.Trainer) -> None:
 
 
 def _test_checkpoint(test_ckpt: str | None, trainer: pl.Trainer) -> str | None:
-    """The checkpoint `test_ckpt` names after fitting: None (the final weights) or the monitored best."""
+    """The checkpoint `test_ckpt` names after fitting: None (the final weights) or the monitored best (the final
+    weights, with a warning, when validation never ran, as in `debug=fast`)."""
     if test_ckpt is None:
         return None
     checkpoint = trainer.checkpoint_callback
     if not checkpoint.best_model_path:
-        raise ConfigError(f"test_ckpt=best: no checkpoint was selected on {checkpoint.monitor} (did validation run "
-                          "before the end of training? see trainer.val_check_interval)")
+        log.warning(f"test_ckpt=best: validation never ran, so nothing was selected on {checkpoint.monitor} "
+                    "(see trainer.val_check_interval): testing the final weights")
+        return None
     log.info(f"testing {checkpoint.best_model_path} ({checkpoint.monitor} = {float(checkpoint.best_model_score):.4f})")
     return checkpoint.best_model_path
 
