@@ -356,3 +356,38 @@ def test_small_deep_memory_stays_finite_at_the_benchmark_lr():
     losses = _train_small_lmm({})
     assert len(losses) == 14 and all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def _periodic_reads_finite(eta_max: float, chunk_size: int) -> bool:
+    """A `small` memory layer on an input that repeats every 89 tokens (as the S-NIAH passkey haystack), with the
+    gates where outer training can push them (theta at its bound, momentum gate saturated, no forgetting) and
+    M_0, W_V five times their initial scale."""
+    torch.manual_seed(0)
+    memory = NeuralMemory(384, num_heads=6, depth=2, expansion=2.0, chunk_size=chunk_size, theta_max=0.0016,
+                          theta_init=0.0004, eta_max=eta_max)
+    with torch.no_grad():
+        for gate, bias in ((memory.to_theta, 12.0), (memory.to_eta, 12.0), (memory.to_alpha, -9.2)):
+            gate.weight.zero_()
+            gate.bias.fill_(bias)
+        for w in (*memory.memory_init, memory.to_v.weight):
+            w.mul_(5.0)
+        x = torch.randn(1, 89, 384).repeat(1, 12, 1)[:, :1024]  # (1, 1024, 384)
+        return bool(torch.isfinite(memory(x)).all())
+
+
+def test_momentum_bound_keeps_the_memory_finite_on_a_periodic_input():
+    # eta -> 1 with alpha -> 0 is an undamped heavy-ball descent: the paper's gate (eta_max = 1) lets the memory's
+    # reads overflow within one sequence, at b = 64 and in the token recurrence alike (README, "S-NIAH").
+    assert not _periodic_reads_finite(eta_max=1.0, chunk_size=64)
+    assert _periodic_reads_finite(eta_max=0.8, chunk_size=64)
+
+
+@pytest.mark.slow
+def test_token_recurrence_diverges_too_without_a_momentum_bound():
+    assert not _periodic_reads_finite(eta_max=1.0, chunk_size=1)
+    assert _periodic_reads_finite(eta_max=0.8, chunk_size=1)
+
+
+def test_eta_init_must_lie_below_eta_max():
+    with pytest.raises(ValueError, match="eta_init"):
+        NeuralMemory(32, num_heads=2, eta_init=0.9, eta_max=0.8)

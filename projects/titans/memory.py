@@ -409,6 +409,8 @@ class NeuralMemory(nn.Module):
         conv_kernel: their width.
         qk_l2norm: l2-normalise queries and keys (§4.4).
         theta_max: theta_t = theta_max * sigmoid(.).
+        eta_max: eta_t = eta_max * sigmoid(.) (1 = the paper's sigmoid gate). Below 1 it keeps the momentum damped:
+            with eta near 1 and alpha near 0 the update can diverge on periodic inputs (README, "S-NIAH").
         theta_init, eta_init, alpha_init: the gates' values at initialisation (their biases).
         retrieve: "after" (y_t = M_t^*(q_t), x_t already written) or "before" (M_{t-1}^*); the paper does not say.
         impl: "dual" | "materialized" | "reference" (see the module docstring; all compute the same numbers).
@@ -420,11 +422,15 @@ class NeuralMemory(nn.Module):
                  expansion: float = 4.0, act: str = "silu", chunk_size: int = 64, momentum: bool = True,
                  forgetting: bool = True, conv: bool = True, conv_kernel: int = 4, qk_l2norm: bool = True,
                  theta_max: float = 1.0, theta_init: float = 0.02, eta_init: float = 0.5, alpha_init: float = 0.01,
+                 eta_max: float = 1.0,
                  retrieve: str = "after", impl: str = "dual", compile_step: bool = False) -> None:
         super().__init__()
         if act not in ACTIVATIONS or retrieve not in RETRIEVE or impl not in IMPLS or depth < 1:
             raise ValueError(f"NeuralMemory: act in {list(ACTIVATIONS)}, retrieve in {RETRIEVE}, impl in {IMPLS}, "
                              f"depth >= 1; got act={act!r}, retrieve={retrieve!r}, impl={impl!r}, depth={depth}")
+        if not 0 < eta_init < eta_max <= 1:
+            raise ValueError(f"NeuralMemory: need 0 < eta_init < eta_max <= 1, got eta_init={eta_init}, "
+                             f"eta_max={eta_max}")
         if compile_step and impl != "dual":
             raise ValueError(f"NeuralMemory: compile_step applies to impl='dual' only, got impl={impl!r}")
         self.dim, self.num_heads = dim, num_heads
@@ -432,6 +438,7 @@ class NeuralMemory(nn.Module):
         self.depth, self.act, self.chunk_size = depth, act, chunk_size
         self.momentum, self.forgetting, self.qk_l2norm = momentum, forgetting, qk_l2norm
         self.theta_max, self.retrieve, self.impl, self.compile_step = theta_max, retrieve, impl, compile_step
+        self.eta_max = eta_max
         inner = num_heads * self.head_dim
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
@@ -461,7 +468,7 @@ class NeuralMemory(nn.Module):
         theta_init, eta_init, alpha_init = self.gate_inits
         nn.init.constant_(self.to_theta.bias, _logit(theta_init / self.theta_max))
         if self.to_eta is not None:
-            nn.init.constant_(self.to_eta.bias, _logit(eta_init))
+            nn.init.constant_(self.to_eta.bias, _logit(eta_init / self.eta_max))
         if self.to_alpha is not None:
             nn.init.constant_(self.to_alpha.bias, _logit(alpha_init))
 
@@ -497,7 +504,8 @@ class NeuralMemory(nn.Module):
             return t.float().transpose(1, 2).reshape(-1, t.shape[1])  # (B, T, H) -> (BH, T)
 
         theta = self.theta_max * torch.sigmoid(per_head(self.to_theta(x)))
-        log_eta = F.logsigmoid(per_head(self.to_eta(x))) if self.to_eta is not None else None
+        log_eta = (math.log(self.eta_max) + F.logsigmoid(per_head(self.to_eta(x)))
+                   if self.to_eta is not None else None)
         log_keep = F.logsigmoid(-per_head(self.to_alpha(x))) if self.to_alpha is not None else None
         return Gates(theta, log_eta, log_keep)
 
