@@ -35,7 +35,12 @@ class PRepBNSchedule:
     recalibration_epochs: float
     recalibration_momentum: float | None
 
-    def _check_schedule(self) -> None:
+    def _set_schedule(self, prepbn_warmup: float, prepbn_end: float, recalibration_steps: int,
+                      recalibration_epochs: float, recalibration_momentum: float | None) -> None:
+        """Store and check the schedule's arguments (the `SlabModule` docstring describes them)."""
+        self.prepbn_warmup, self.prepbn_end = prepbn_warmup, prepbn_end
+        self.recalibration_steps, self.recalibration_epochs = recalibration_steps, recalibration_epochs
+        self.recalibration_momentum = recalibration_momentum
         if not 0.0 <= self.prepbn_warmup < self.prepbn_end <= 1.0:
             raise ConfigError(f"model.prepbn_warmup={self.prepbn_warmup} and model.prepbn_end={self.prepbn_end} "
                               "must satisfy 0 <= warmup < end <= 1 (fractions of the training steps)")
@@ -118,10 +123,8 @@ class SlabModule(PRepBNSchedule, ClassificationModule):
                          num_classes=num_classes, img_size=img_size, label_smoothing=label_smoothing, mixup=mixup,
                          grad_clip=grad_clip, seed=seed)
         self.save_hyperparameters()
-        self.prepbn_warmup, self.prepbn_end = prepbn_warmup, prepbn_end
-        self.recalibration_steps, self.recalibration_epochs = recalibration_steps, recalibration_epochs
-        self.recalibration_momentum = recalibration_momentum
-        self._check_schedule()
+        self._set_schedule(prepbn_warmup, prepbn_end, recalibration_steps, recalibration_epochs,
+                           recalibration_momentum)
         try:
             self.model = build_model(model, num_classes=num_classes, img_size=img_size, **(model_kwargs or {}))
         except (ValueError, TypeError) as err:
@@ -146,10 +149,8 @@ class SlabLMModule(PRepBNSchedule, PaperModule):
                  scheduler: dict[str, Any] | None = None) -> None:
         super().__init__(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}, scheduler)
         self.save_hyperparameters()
-        self.prepbn_warmup, self.prepbn_end = prepbn_warmup, prepbn_end
-        self.recalibration_steps, self.recalibration_epochs = recalibration_steps, recalibration_epochs
-        self.recalibration_momentum = recalibration_momentum
-        self._check_schedule()
+        self._set_schedule(prepbn_warmup, prepbn_end, recalibration_steps, recalibration_epochs,
+                           recalibration_momentum)
         try:
             self.model = SlabLlama(**(model_kwargs or {}))
         except (ValueError, TypeError) as err:
