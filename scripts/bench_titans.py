@@ -155,7 +155,7 @@ class Bench:
         kw = {"attn_backend": self.args.train_backend, "max_len": max(self.args.niah_lengths + [self.args.seq_len]),
               **overrides}
         if variant != "transformer":
-            kw["memory"] = {"chunk_size": self.args.chunk, **kw.get("memory", {})}
+            kw["memory"] = {"chunk_size": self.args.chunk, **self.args.memory, **kw.get("memory", {})}
         return build_titans(variant, self.size, **kw).to(self.device)
 
     @property
@@ -200,8 +200,9 @@ class Bench:
             losses.append(loss.detach())
         self.sync()
         tail = torch.stack(losses[-10:]).float().mean().item()
+        bad = (~torch.stack(losses).isfinite()).nonzero()
         return {"train_s": time.perf_counter() - start, "steps": len(losses), "truncated": len(losses) < steps,
-                "train_loss": tail, "finite": bool(torch.stack(losses).isfinite().all())}
+                "train_loss": tail, "finite": not len(bad), "first_non_finite_step": int(bad[0]) if len(bad) else None}
 
     @torch.no_grad()
     def val_loss(self, model: TitansLM, seq_len: int, batches: int) -> float:
@@ -585,6 +586,8 @@ def main() -> None:
     p.add_argument("--attn-backend", default="auto", choices=["auto", "flex", "sdpa"], help="throughput part")
     p.add_argument("--train-backend", default="sdpa", choices=["auto", "flex", "sdpa"], help="quality parts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", type=json.loads, default={},
+                   help='NeuralMemory overrides for every memory variant, JSON (e.g. \'{"eta_max": 0.8}\')')
     if p.parse_known_args()[0].quick:  # tiny defaults; flags given explicitly still win
         p.set_defaults(steps=3, batch=2, seq_len=64, val_batches=1, chunk=16, niah_steps=2, niah_batch=2,
                        niah_train_len=256, niah_lengths=[256, 512], niah_eval=2, seq_lens=[64, 128],
