@@ -241,7 +241,7 @@ class Bench:
 
     def part_lm(self) -> None:
         a = self.args
-        for variant in VARIANTS:
+        for variant in self.args.variants:
             if self.out_of_time():
                 self.record(("lm", variant), SKIPPED)
                 continue
@@ -317,7 +317,7 @@ class Bench:
         a = self.args
         text = load_text(a.text)
         words = word_list(text)
-        for variant in VARIANTS:
+        for variant in self.args.variants:
             if self.out_of_time():
                 self.record(("niah", variant), SKIPPED)
                 continue
@@ -384,7 +384,7 @@ class Bench:
         """Every variant at every length, shortest first (a run out of time loses the longest lengths of every
         variant, not whole variants); then the rows with the memory's chunk step compiled."""
         a = self.args
-        rows = [(v, v, {}) for v in VARIANTS] + [
+        rows = [(v, v, {}) for v in a.variants] + [
             (f"{v}+compile", v, {"memory": {"compile_step": True}}) for v in a.compile_variants if v in VARIANTS]
         for seq_len in a.seq_lens:
             batch = max(1, a.tokens_per_batch // seq_len)
@@ -586,6 +586,8 @@ def main() -> None:
     p.add_argument("--attn-backend", default="auto", choices=["auto", "flex", "sdpa"], help="throughput part")
     p.add_argument("--train-backend", default="sdpa", choices=["auto", "flex", "sdpa"], help="quality parts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x], default=list(VARIANTS),
+                   help="models of the lm / niah / throughput parts (comma-separated)")
     p.add_argument("--memory", type=json.loads, default={},
                    help='NeuralMemory overrides for every memory variant, JSON (e.g. \'{"eta_max": 0.8}\')')
     if p.parse_known_args()[0].quick:  # tiny defaults; flags given explicitly still win
@@ -597,6 +599,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch._dynamo.config.cache_size_limit = 64  # compiled FlexAttention / chunk step per mask and shape
+    if set(args.variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = [x for x in parts if x not in PART_SHARE]
     if unknown:
