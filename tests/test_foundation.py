@@ -209,22 +209,29 @@ def test_tensorboard_logger(cli):
 
 @pytest.mark.slow
 def test_test_ckpt_best_tests_the_validation_selected_checkpoint(cli):
-    cli(*TOY, "trainer.max_epochs=3", "test_ckpt=best", "callbacks.model_checkpoint.monitor=val/loss",
-        "callbacks.model_checkpoint.mode=min", "run_id=best")
+    # mode=max selects the epoch with the *highest* validation loss, the first one here: so the selected checkpoint
+    # and the final weights differ, and the test can tell which of them the test split saw.
+    cli(*TOY, "trainer.max_epochs=3", "test_ckpt=best", "callbacks.best_checkpoint.monitor=val/loss",
+        "callbacks.best_checkpoint.mode=max", "run_id=best")
     run_dir = cli.outputs / "toy" / "best"
     rows = read_metrics(run_dir)
-    (best,) = (run_dir / "checkpoints").glob("step*.ckpt")
+    (best,) = (run_dir / "checkpoints").glob("best-step*.ckpt")
     state = torch.load(best, map_location="cpu", weights_only=True)
-    monitor = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
-    assert float(monitor["best_model_score"]) == pytest.approx(min(float(r["val/loss"]) for r in rows
+    monitor = next(v for k, v in state["callbacks"].items() if "'kind': 'best'" in k)
+    assert float(monitor["best_model_score"]) == pytest.approx(max(float(r["val/loss"]) for r in rows
                                                                    if r.get("val/loss")))
+    # last.ckpt keeps following the latest step (ckpt_path=last), whatever the monitored score does
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert state["global_step"] < torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 48
     tested = last_value(rows, "test/loss")
     result = cli(*TOY, f"weights={best}", script="eval.py")
     assert f"test/loss  {tested:.4f}" in result.stdout
+    final = cli(*TOY, f"weights={last}", script="eval.py")
+    assert f"test/loss  {tested:.4f}" not in final.stdout
 
 
 def test_test_ckpt_best_without_validation_tests_the_final_weights(cli):
-    result = cli(*TOY, "trainer.max_epochs=1", "test_ckpt=best", "callbacks.model_checkpoint.monitor=val/loss",
+    result = cli(*TOY, "trainer.max_epochs=1", "test_ckpt=best", "callbacks.best_checkpoint.monitor=val/loss",
                  "+trainer.limit_val_batches=0", "run_id=noval")
     assert "validation never ran" in result.stdout + result.stderr
     assert last_value(read_metrics(cli.outputs / "toy" / "noval"), "test/loss") > 0

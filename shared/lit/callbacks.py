@@ -1,5 +1,6 @@
 """Callbacks every run gets (conf/callbacks/default.yaml): throughput and MFU, the non-finite-loss guard,
-a checkpoint on preemption, and the random-number state that makes `ckpt_path=last` resume exactly."""
+a checkpoint on preemption, the best-validation checkpoint, and the random-number state that makes
+`ckpt_path=last` resume exactly."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from shared.lit.errors import NonFiniteLossError
@@ -130,6 +131,24 @@ class NonFiniteLossGuard(Callback):
         raise NonFiniteLossError(
             f"{what} at step {trainer.global_step} (epoch {trainer.current_epoch}); stopped before the update, {kept}"
         )
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Keeps the one checkpoint with the best `monitor` (a logged validation metric), `best-step*.ckpt`, for
+    `test_ckpt=best`; with `monitor=None` it saves nothing.
+
+    It is a second callback beside the run's `ModelCheckpoint` because a monitored `ModelCheckpoint` rewrites
+    `last.ckpt` only when the score improves, which would make `ckpt_path=last` resume from an old step.
+    """
+
+    def __init__(self, dirpath: str, monitor: str | None = None, mode: str = "min") -> None:
+        super().__init__(dirpath=dirpath, filename="best-step{step:07d}", auto_insert_metric_name=False,
+                         monitor=monitor, mode=mode, save_top_k=1 if monitor else 0, save_last=False)
+
+    @property
+    def state_key(self) -> str:
+        # its own key, so that its state never collides with the run's ModelCheckpoint (both unmonitored by default)
+        return self._generate_state_key(kind="best", monitor=self.monitor, mode=self.mode)
 
 
 class PreemptionCheckpoint(Callback):

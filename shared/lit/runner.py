@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -141,14 +142,19 @@ class checkpoint_errors:
         return False
 
 
+def _best_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that selects on a validation metric (`callbacks.best_checkpoint`), if any."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+
+
 def _check_test_ckpt(test_ckpt: str | None, trainer: pl.Trainer) -> None:
     """Refuse a bad `test_ckpt` before training, not after it."""
     if test_ckpt is None:
         return
     if test_ckpt != "best":
         raise ConfigError(f"test_ckpt={test_ckpt!r}: use null (the final weights) or best")
-    if getattr(trainer.checkpoint_callback, "monitor", None) is None:
-        raise ConfigError("test_ckpt=best needs a monitored checkpoint: set callbacks.model_checkpoint.monitor "
+    if _best_checkpoint(trainer) is None:
+        raise ConfigError("test_ckpt=best needs a monitored checkpoint: set callbacks.best_checkpoint.monitor "
                           "(and .mode) to a validation metric")
 
 
@@ -157,7 +163,7 @@ def _test_checkpoint(test_ckpt: str | None, trainer: pl.Trainer) -> str | None:
     weights, with a warning, when validation never ran, as in `debug=fast`)."""
     if test_ckpt is None:
         return None
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = _best_checkpoint(trainer)
     if not checkpoint.best_model_path:
         log.warning(f"test_ckpt=best: validation never ran, so nothing was selected on {checkpoint.monitor} "
                     "(see trainer.val_check_interval): testing the final weights")
