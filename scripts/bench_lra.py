@@ -275,9 +275,9 @@ class DeviceData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None):
+    def batches(self, batch_size: int, generator: torch.Generator | None, skip: int = 0):
         """Batches of (tokens (B, width) int64, labels); shuffled, dropping the remainder, with a generator, in
-        order and complete without. The width is the batch's longest sequence rounded up to `pad_multiple` (at
+        order and complete without; the first `skip` batches are left out (a resumed epoch). The width is the batch's longest sequence rounded up to `pad_multiple` (at
         most the split's longest): padded keys are masked and ListOps pools the CLS token (Pathfinder images all
         have 1,024 tokens), so the outputs are those of the unrounded batch, and at most 16 widths instead of
         hundreds keep kernel plans, the allocator and torch.compile warm."""
@@ -287,7 +287,7 @@ class DeviceData:
         else:
             order, stop = torch.randperm(n, generator=generator), n - batch_size + 1
         lengths, order_on_device = self.lengths[order.numpy()], order.to(self.labels.device)  # one copy per epoch
-        for start in range(0, stop, batch_size):
+        for start in range(skip * batch_size, stop, batch_size):
             longest = int(lengths[start:start + batch_size].max())
             width = min(-(-longest // self.pad_multiple) * self.pad_multiple, self.tokens.shape[1])
             index = order_on_device[start:start + batch_size]
@@ -309,6 +309,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
     workers = args.workers or os.cpu_count() or 1
     budget = args.minutes * 60
+    schedule_budget = (args.schedule_minutes or args.minutes) * 60  # > budget: a run continued with --resume
     if args.train == "listops":
         sizes = ({"train": 96_000, "val": 2_000, "test": 2_000} if not args.quick
                  else {"train": 256, "val": 32, "test": 64})
@@ -317,14 +318,14 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         optim = dict(name="adamw", lr=0.05 / math.sqrt(1000), weight_decay=0.1, betas=(0.9, 0.98), eps=1e-9)
         sched = dict(name="rsqrt", warmup_steps=1000)
     else:
-        sizes = ({"train": args.train_size, "val": 200, "test": 2_000} if not args.quick
+        sizes = ({"train": args.train_size, "val": args.val_size, "test": args.test_size} if not args.quick
                  else {"train": 64, "val": 8, "test": 32})
         data = pathfinder_data(sizes, args.seed, workers, args.difficulty)
         model_name, batch_size, total_steps = "pathfinder32_transformer", 512 if not args.quick else 16, None
         optim = dict(name="adamw", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-9)
         sched = dict(name="cosine", warmup_steps=max(1, len(data["train"]) // batch_size), min_lr=0.0)
     tiny = dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, max_len=2000)
-    kwargs = tiny if args.quick and args.train == "listops" else {}
+    kwargs = {**(tiny if args.quick and args.train == "listops" else {}), **json.loads(args.model_kwargs)}
     model = create_model(model_name, **kwargs).to(device)
     if args.compile:
         model = torch.compile(model, dynamic=True)
@@ -335,12 +336,23 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     eval_batch = 256 if args.train == "listops" else 1024
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = len(train_data) // batch_size
+    total_steps = args.steps or total_steps
+    state = torch.load(args.resume, map_location=device, weights_only=True) if args.resume else None
+    if state is not None:
+        total_steps = args.steps or state["total_steps"]
+        if state["total_steps"] != total_steps or state["seed"] != args.seed or state["model"] != model_name:
+            raise SystemExit(f"--resume {args.resume}: saved for {state['model']}, seed {state['seed']}, "
+                             f"{state['total_steps']} steps; this run is {model_name}, seed {args.seed}, "
+                             f"{total_steps} steps")
+        for _ in range(state["step"] // steps_per_epoch):  # replay the epochs' shuffles, so the data order resumes
+            torch.randperm(len(train_data), generator=generator)
 
-    def stream():
+    def stream(skip: int):
         while True:
-            yield from train_data.batches(batch_size, generator)
+            yield from train_data.batches(batch_size, generator, skip)
+            skip = 0
 
-    it = stream()
+    it = stream(state["step"] % steps_per_epoch if state else 0)
 
     def step(scheduler=None) -> torch.Tensor:
         tokens, labels = next(it)
@@ -372,15 +384,28 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         per_step = (time.time() - t) / probe
         for g, value in zip(optimizer.param_groups, lr):
             g["lr"] = value
-        total_steps = max(1, int((budget - (time.time() - start)) * 0.97 / per_step))
+        total_steps = max(1, int((schedule_budget - (time.time() - start)) * 0.97 / per_step))
         epochs = total_steps / max(steps_per_epoch, 1)
         print(f"{per_step * 1e3:.1f} ms/step -> {total_steps} steps ({epochs:.1f} epochs "
               f"of {len(data['train'])} images) in the budget")
     scheduler = build_scheduler(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **sched)
+    first = 1
     # The official trainer evaluates on validation every `eval_frequency` steps and the paper reports the model
     # selected there; its final ListOps weights can fall back to the majority class (long-range-arena issue #15).
     val_history: list[list[float]] = []
     best_val, best_step, best_state = -1.0, None, None
+    if state is not None:
+        model.load_state_dict(state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["cpu_rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        val_history = state["val_history"]
+        best_val, best_step, best_state = state["best_val"], state["best_step"], state["best_weights"]
+        first = state["step"] + 1
+        print(f"resumed at step {state['step']} of {total_steps} (best validation {100 * best_val:.2f} at step "
+              f"{best_step})")
 
     def validate(at_step: int) -> float:
         """Validation accuracy at `at_step`, keeping a device copy of the weights when it is the best so far;
@@ -399,14 +424,14 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         return time.time() - t
 
     t0 = t_log = time.time()
-    losses, done, diverged = [], 0, None
-    for done in range(1, total_steps + 1):
+    losses, done, diverged = [], first - 1, None
+    for done in range(first, total_steps + 1):
         losses.append(step(scheduler))
         if done % args.log_every == 0:
             window = torch.stack(losses[-args.log_every:])
             now = time.time()
             print(f"step {done}/{total_steps} loss {window.mean():.4f} {args.log_every / (now - t_log):.1f} "
-                  f"steps/s ({done / (now - t0):.1f} since the start)", flush=True)
+                  f"steps/s ({(done - first + 1) / (now - t0):.1f} since the start)", flush=True)
             t_log = now
             bad = (~torch.isfinite(window)).nonzero()
             if len(bad):
@@ -423,6 +448,15 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
             print(f"budget of {args.minutes} min reached at step {done}")
             break
     train_seconds = time.time() - t0
+    if os.environ.get("OUT") and done < total_steps and diverged is None:
+        path = Path(os.environ["OUT"]) / f"{args.train}_state.pt"
+        torch.save({"model": model_name, "seed": args.seed, "total_steps": total_steps, "step": done,
+                    "weights": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "cpu_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else torch.get_rng_state(),
+                    "val_history": val_history, "best_val": best_val, "best_step": best_step,
+                    "best_weights": best_state}, path)
+        print(f"stopped at step {done} of {total_steps}: state saved to {path} (continue with --resume)")
     final_accuracy = evaluate(model, test_data, eval_batch, device, not args.fp32)
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -454,7 +488,19 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget (wall clock)")
     parser.add_argument("--fp32", action="store_true", help="train in float32 (the official precision), no autocast")
     parser.add_argument("--train-size", type=int, default=40_000, help="generated Pathfinder training images")
+    parser.add_argument("--val-size", type=int, default=200, help="generated Pathfinder validation images")
+    parser.add_argument("--test-size", type=int, default=2_000, help="generated Pathfinder test images")
     parser.add_argument("--difficulty", default="curv_contour_length_14", help="Pathfinder level")
+    parser.add_argument("--model-kwargs", default="{}",
+                        help='JSON overrides of the model factory, e.g. \'{"learn_pos_emb": true}\'')
+    parser.add_argument("--steps", type=int, default=0,
+                        help="training steps of the schedule (0: ListOps' 5,000, Pathfinder fits the budget, "
+                             "a resumed run keeps its own)")
+    parser.add_argument("--schedule-minutes", type=float, default=0.0,
+                        help="fit Pathfinder's schedule to this many minutes (default --minutes); more than --minutes "
+                             "plans a run that later commands continue with --resume")
+    parser.add_argument("--resume", default="",
+                        help="a $OUT/<task>_state.pt that a run stopped by its budget saved: continue it exactly")
     parser.add_argument("--grad-clip", type=float, default=0.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--pad-multiple", type=int, default=128,
