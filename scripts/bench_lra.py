@@ -17,7 +17,10 @@ ListOps follows the official recipe (96k/2k/2k generated examples, batch 32, 5,0
 weight decay 0.1, linear warm-up 1,000 then rsqrt decay, peak lr 0.05 / sqrt(1000)) and stops early only if the
 budget runs out. Pathfinder-32 follows its recipe (batch 512, lr 1e-3, one epoch of warm-up, cosine decay, no
 weight decay) with as many steps as the budget allows after a timed warm-up; the official run is 200 epochs of
-160k images, far more than a few minutes. Data generation runs on every CPU core and its rate is printed;
+160k images, far more than a few minutes. A run longer than one command: fix its schedule with `--steps` (62,500 is the recipe's 200 epochs); a run that
+its `--minutes` stop saves its whole state to $OUT/<task>_state.pt, and `--resume <that file>` continues it
+exactly (same batches, same dropout draws, same schedule). Data generation runs on every CPU core and its rate is
+printed;
 generated data is cached (`FORMERLAB_CACHE`, default ~/.cache/formerlab). Training evaluates the validation split
 every `--eval-every` steps and reports the test accuracy of the best-validation weights (the official protocol) next
 to that of the final weights.
