@@ -17,11 +17,11 @@ ListOps follows the official recipe (96k/2k/2k generated examples, batch 32, 5,0
 weight decay 0.1, linear warm-up 1,000 then rsqrt decay, peak lr 0.05 / sqrt(1000)) and stops early only if the
 budget runs out. Pathfinder-32 follows its recipe (batch 512, lr 1e-3, one epoch of warm-up, cosine decay, no
 weight decay) with as many steps as the budget allows after a timed warm-up; the official run is 200 epochs of
-160k images, far more than a few minutes. A run longer than one command: fix its schedule with `--steps` (62,500 is the recipe's 200 epochs); a run that
-its `--minutes` stop saves its whole state to $OUT/<task>_state.pt, and `--resume <that file>` continues it
-exactly (same batches, same dropout draws, same schedule). Data generation runs on every CPU core and its rate is
-printed;
-generated data is cached (`FORMERLAB_CACHE`, default ~/.cache/formerlab). Training evaluates the validation split
+160k images, far more than a few minutes. For a run longer than one command, fix its schedule with `--steps`
+(62,500 is the recipe's 200 epochs): a run stopped by `--minutes` saves its whole state to $OUT/<task>_state.pt,
+and `--resume <that file>` continues it exactly (same batches, same dropout draws, same schedule). Data generation
+runs on every CPU core and its rate is printed; generated data is cached (`FORMERLAB_CACHE`, default
+~/.cache/formerlab). Training evaluates the validation split
 every `--eval-every` steps and reports the test accuracy of the best-validation weights (the official protocol) next
 to that of the final weights.
 
@@ -280,10 +280,11 @@ class DeviceData:
 
     def batches(self, batch_size: int, generator: torch.Generator | None, skip: int = 0):
         """Batches of (tokens (B, width) int64, labels); shuffled, dropping the remainder, with a generator, in
-        order and complete without; the first `skip` batches are left out (a resumed epoch). The width is the batch's longest sequence rounded up to `pad_multiple` (at
-        most the split's longest): padded keys are masked and ListOps pools the CLS token (Pathfinder images all
-        have 1,024 tokens), so the outputs are those of the unrounded batch, and at most 16 widths instead of
-        hundreds keep kernel plans, the allocator and torch.compile warm."""
+        order and complete without; the first `skip` batches are left out (a resumed epoch). The width is the
+        batch's longest sequence rounded up to `pad_multiple` (at most the split's longest): padded keys are masked
+        and ListOps pools the CLS token (Pathfinder images all have 1,024 tokens), so the outputs are those of the
+        unrounded batch, and at most 16 widths instead of hundreds keep kernel plans, the allocator and
+        torch.compile warm."""
         n = len(self)
         if generator is None:
             order, stop = torch.arange(n), n
@@ -311,6 +312,7 @@ def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, device: 
 def train(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
     workers = args.workers or os.cpu_count() or 1
+    args.minutes = args.minutes or (0.5 if args.quick else 4.0)
     budget = args.minutes * 60
     schedule_budget = (args.schedule_minutes or args.minutes) * 60  # > budget: a run continued with --resume
     if args.train == "listops":
@@ -456,7 +458,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         torch.save({"model": model_name, "seed": args.seed, "total_steps": total_steps, "step": done,
                     "weights": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "cpu_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                     "val_history": val_history, "best_val": best_val, "best_step": best_step,
                     "best_weights": best_state}, path)
         print(f"stopped at step {done} of {total_steps}: state saved to {path} (continue with --resume)")
@@ -488,7 +490,7 @@ def main() -> None:
     parser.add_argument("--train", choices=["listops", "pathfinder32"], help="train instead of the speed table")
     parser.add_argument("--check-sdpa", action="store_true",
                         help="only check masked SDPA for the NaN gradients of pytorch/pytorch#196678 (seconds)")
-    parser.add_argument("--minutes", type=float, default=4.0, help="training budget (wall clock)")
+    parser.add_argument("--minutes", type=float, default=None, help="training budget (wall clock; 4, --quick 0.5)")
     parser.add_argument("--fp32", action="store_true", help="train in float32 (the official precision), no autocast")
     parser.add_argument("--train-size", type=int, default=40_000, help="generated Pathfinder training images")
     parser.add_argument("--val-size", type=int, default=200, help="generated Pathfinder validation images")
@@ -521,7 +523,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that works on CPU")
     args = parser.parse_args()
     if args.quick:
-        args.lengths, args.batch, args.warmup, args.iters, args.minutes, args.log_every = "128,256", 2, 1, 2, 0.5, 2
+        args.lengths, args.batch, args.warmup, args.iters, args.log_every = "128,256", 2, 1, 2, 2
         args.eval_every = 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
