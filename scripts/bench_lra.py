@@ -333,7 +333,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     kwargs = {**(tiny if args.quick and args.train == "listops" else {}), **json.loads(args.model_kwargs)}
     model = create_model(model_name, **kwargs).to(device)
     if args.compile:
-        model = torch.compile(model, dynamic=True)
+        model.compile()  # in place: the state-dict keys stay those of the eager model, so --resume works across both
     optimizer = build_optimizer(model, **optim)
     train_data = DeviceData(data["train"], device, args.pad_multiple)
     val_data = DeviceData(data["val"], device, args.pad_multiple)
