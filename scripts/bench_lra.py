@@ -403,9 +403,9 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         model.load_state_dict(state["weights"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["cpu_rng"])
+        torch.set_rng_state(state["cpu_rng"].cpu())  # map_location moved every tensor, the RNG states too
         if device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"])
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         val_history = state["val_history"]
         best_val, best_step, best_state = state["best_val"], state["best_step"], state["best_weights"]
         first = state["step"] + 1
