@@ -95,6 +95,38 @@ def test_parallel_chunked_update_equals_definition(impl, depth, momentum, forget
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("impl", [memory_chunked_dual, memory_chunked_materialized])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_clipped_surprise_equals_definition(impl, depth, chunk):
+    """`max_surprise_norm` clips in the parallel paths exactly as in the token loop (values and gradients), at a
+    norm that binds for some tokens and not for others."""
+    state, k, v, q, gates, leaves = _problem(depth, True, True, seed=depth)
+    norms = torch.stack([sum(g.pow(2).sum((1, 2)) for g in associative_grad(state.weights, k[:, t], v[:, t], "silu"))
+                         for t in range(k.shape[1])]).sqrt()  # (T, BH) at M_0
+    max_norm = float(norms.median())
+    clip = lambda fn: lambda *a: fn(*a, max_surprise_norm=max_norm)  # noqa: E731
+    problem = (state, k, v, q, gates, leaves)
+    ref_out, ref_grads = _outputs_and_grads(clip(memory_recurrent_reference), *problem, chunk, "after")
+    out, grads = _outputs_and_grads(clip(impl), *problem, chunk, "after")
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    unclipped, _ = _outputs_and_grads(memory_recurrent_reference, *problem, chunk, "after")
+    assert (unclipped[0] - ref_out[0]).abs().max() > 1e-3
+
+
+def test_clipped_surprise_bounds_the_first_step():
+    """b = 1, no momentum carried in: the first write moves the memory by theta_1 * min(||u_1||, max_norm)."""
+    state, k, v, q, gates, _ = _problem(depth=2, momentum=True, forgetting=False, t=1)
+    state = MemoryState(state.weights, tuple(torch.zeros_like(s) for s in state.momentum))
+    u = associative_grad(state.weights, k[:, 0], v[:, 0], "silu")
+    norm = sum(g.pow(2).sum((1, 2)) for g in u).sqrt()  # (BH,)
+    max_norm = float(norm.min() + norm.max()) / 2
+    _, final = memory_recurrent_reference(state, k, v, q, gates, 1, max_surprise_norm=max_norm)
+    moved = sum((a - b).pow(2).sum((1, 2)) for a, b in zip(final.weights, state.weights)).sqrt()
+    torch.testing.assert_close(moved, gates.theta[:, 0] * norm.clamp(max=max_norm))
+
+
 def test_chunking_changes_the_result():
     """b > 1 is a different (stale-gradient) update, not the recurrence: the equivalence tests are not vacuous."""
     state, k, v, q, gates, _ = _problem(depth=2, momentum=True, forgetting=True)
@@ -358,13 +390,24 @@ def test_small_deep_memory_stays_finite_at_the_benchmark_lr():
     assert losses[-1] < losses[0] - 1.0, losses
 
 
-def _periodic_reads_finite(eta_max: float, chunk_size: int) -> bool:
+@pytest.mark.slow
+def test_surprise_clip_lets_the_paper_theta_gate_train():
+    """theta_t = sigmoid(.) unbounded (theta_max = 1, the paper's gate) drives the same `small` run to NaN at step 10;
+    clipping each token's surprise to norm 1 keeps it finite and learning as fast as the bounded theta above."""
+    paper_gate = {"theta_max": 1.0, "theta_init": 0.02}
+    assert not math.isfinite(_train_small_lmm(paper_gate, steps=10)[-1])
+    losses = _train_small_lmm({**paper_gate, "max_surprise_norm": 1.0})
+    assert len(losses) == 14 and all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0] - 2.0, losses
+
+
+def _periodic_reads_finite(eta_max: float, chunk_size: int, max_surprise_norm: float | None = None) -> bool:
     """A `small` memory layer on an input that repeats every 89 tokens (as the S-NIAH passkey haystack), with the
     gates where outer training can push them (theta at its bound, momentum gate saturated, no forgetting) and
     M_0, W_V five times their initial scale."""
     torch.manual_seed(0)
     memory = NeuralMemory(384, num_heads=6, depth=2, expansion=2.0, chunk_size=chunk_size, theta_max=0.0016,
-                          theta_init=0.0004, eta_max=eta_max)
+                          theta_init=0.0004, eta_max=eta_max, max_surprise_norm=max_surprise_norm)
     with torch.no_grad():
         for gate, bias in ((memory.to_theta, 12.0), (memory.to_eta, 12.0), (memory.to_alpha, -9.2)):
             gate.weight.zero_()
@@ -382,10 +425,21 @@ def test_momentum_bound_keeps_the_memory_finite_on_a_periodic_input():
     assert _periodic_reads_finite(eta_max=0.8, chunk_size=64)
 
 
+def test_surprise_clip_keeps_the_memory_finite_with_the_paper_momentum_gate():
+    # Clipped gradients can move the weights only a bounded amount per token, so the undamped heavy ball above
+    # stays finite at eta_max = 1 (the paper's gate) too.
+    assert _periodic_reads_finite(eta_max=1.0, chunk_size=64, max_surprise_norm=1.0)
+
+
 @pytest.mark.slow
 def test_token_recurrence_diverges_too_without_a_momentum_bound():
     assert not _periodic_reads_finite(eta_max=1.0, chunk_size=1)
     assert _periodic_reads_finite(eta_max=0.8, chunk_size=1)
+
+
+def test_max_surprise_norm_must_be_positive():
+    with pytest.raises(ValueError, match="max_surprise_norm"):
+        NeuralMemory(32, num_heads=2, max_surprise_norm=0.0)
 
 
 def test_eta_init_must_lie_below_eta_max():

@@ -82,6 +82,13 @@ def associative_loss(weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str) 
     return (mlp_forward(weights, k, act) - v).pow(2).sum()
 
 
+def surprise_scale(sq_norm: Tensor, max_norm: float) -> Tensor:
+    """The factor min(1, max_norm / ||u_t||) that clips each token's momentary surprise u_t = grad l(M_{t'}; x_t),
+    given ||u_t||^2 summed over the memory's layers (any shape). Clamping the squared norm first keeps the
+    backward finite at u_t = 0."""
+    return max_norm * sq_norm.clamp_min(max_norm ** 2).rsqrt()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The definition: a loop over tokens.
 
@@ -114,9 +121,12 @@ def associative_grad(weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str) 
 
 
 def memory_recurrent_reference(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gates: Gates, chunk_size: int,
-                               act: str = "silu", retrieve: str = "after") -> tuple[Tensor, MemoryState]:
+                               act: str = "silu", retrieve: str = "after",
+                               max_surprise_norm: float | None = None) -> tuple[Tensor, MemoryState]:
     """Eqs. 13-15 token by token, gradients at the chunk-start weights M_{t'} (eqs. 16, 18); chunk_size 1 is the
-    plain recurrence. k, v, q: (BH, T, d). Returns the reads (BH, T, d_out) and the final state."""
+    plain recurrence. k, v, q: (BH, T, d). `max_surprise_norm` clips each token's gradient (all layers together)
+    to that norm before it enters the momentum (None: no clipping). Returns the reads (BH, T, d_out) and the
+    final state."""
     weights, momentum = list(state.weights), list(state.momentum)
     start = weights
     reads = []
@@ -126,6 +136,9 @@ def memory_recurrent_reference(state: MemoryState, k: Tensor, v: Tensor, q: Tens
         if retrieve == "before":
             reads.append(mlp_forward(weights, q[:, t, None], act)[:, 0])
         u = associative_grad(start, k[:, t], v[:, t], act)
+        if max_surprise_norm is not None:
+            scale = surprise_scale(sum(g.pow(2).sum((1, 2)) for g in u), max_surprise_norm)  # (BH,)
+            u = [g * scale[:, None, None] for g in u]
         theta = gates.theta[:, t, None, None]
         if gates.log_eta is None:
             momentum = [-theta * g for g in u]
@@ -215,7 +228,8 @@ def chunk_coefficients(gates: Gates, chunk_size: int) -> list[tuple[slice, Chunk
 
 
 def memory_chunked_materialized(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gates: Gates, chunk_size: int,
-                                act: str = "silu", retrieve: str = "after") -> tuple[Tensor, MemoryState]:
+                                act: str = "silu", retrieve: str = "after",
+                                max_surprise_norm: float | None = None) -> tuple[Tensor, MemoryState]:
     """Per-token gradients with `vmap(grad)`, scans as cumulative-product matrices, reads through the per-token
     weights. Same arguments and results as `memory_recurrent_reference`."""
     loss = lambda w, kt, vt: associative_loss(w, kt, vt, act)  # noqa: E731
@@ -227,6 +241,8 @@ def memory_chunked_materialized(state: MemoryState, k: Tensor, v: Tensor, q: Ten
     for sl, c in chunk_coefficients(gates, chunk_size):
         u = per_token_grad(weights, k[:, sl], v[:, sl])  # L_M x (BH, n, d_l, d_{l+1})
         theta = c.theta[:, :, None, None]
+        if max_surprise_norm is not None:
+            theta = theta * surprise_scale(sum(ui.pow(2).sum((-2, -1)) for ui in u), max_surprise_norm)[..., None, None]
         # eq. 18: S_i = eta_i S_{i-1} - theta_i u_i, for all i of the chunk at once.
         s_all = [torch.einsum("bij,bjde->bide", c.l_eta.to(ui.dtype), -theta * ui) + c.e[:, :, None, None] * s0[:, None]
                  for ui, s0 in zip(u, momentum)]
@@ -267,14 +283,22 @@ def layer_factors(weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str) -> 
 
 
 def dual_advance(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...], k: Tensor, v: Tensor, end: Tensor,
-                 decay: Tensor, act: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], list[Tensor], list[Tensor]]:
+                 decay: Tensor, act: str, max_surprise_norm: float | None = None,
+                 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], list[Tensor], list[Tensor]]:
     """One chunk's end state from its start state (M_0, S_0): the only sequential work of the chunked update.
 
         M_n = A_n M_0 + D_n S_0 - sum_j K[n, j] theta_j u_j,    S_n = E_n S_0 - sum_j L_E[n, j] theta_j u_j,
     with u_j = 2 a_j^T delta_j per layer. k, v: (BH, n, d); end: (BH, n, 2), [j] = -2 theta_j (K[n, j], L_E[n, j]);
-    decay: (BH, 3) = (A_n, D_n, E_n). Returns the new weights and momenta and the chunk's factors (inputs, deltas).
+    decay: (BH, 3) = (A_n, D_n, E_n). Returns the new weights and momenta and the chunk's factors (inputs, deltas);
+    with `max_surprise_norm` the deltas come back clipped, ||u_j|| = 2 (sum_l |a_lj|^2 |delta_lj|^2)^(1/2) per token.
     """
     inputs, deltas = layer_factors(weights, k, v, act)
+    if max_surprise_norm is not None:
+        acc = torch.promote_types(deltas[0].dtype, torch.float32)  # under bf16 autocast the norm is summed in float32
+        sq_norm = 4 * sum(a.to(acc).pow(2).sum(-1) * delta.to(acc).pow(2).sum(-1)
+                          for a, delta in zip(inputs, deltas))  # (BH, n)
+        scale = surprise_scale(sq_norm, max_surprise_norm)[..., None].to(deltas[0].dtype)
+        deltas = [delta * scale for delta in deltas]
     a, d, e = (x[:, None, None] for x in decay.unbind(-1))  # (BH, 1, 1) each
     new_w, new_s = [], []
     for w0, s0, a_j, delta in zip(weights, momentum, inputs, deltas):
@@ -313,7 +337,7 @@ def _compiled(fn: Callable) -> Callable:
 
 
 def memory_chunked_dual(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gates: Gates, chunk_size: int,
-                        act: str = "silu", retrieve: str = "after",
+                        act: str = "silu", retrieve: str = "after", max_surprise_norm: float | None = None,
                         compile_step: bool = False) -> tuple[Tensor, MemoryState]:
     """The chunked update without per-token weights (module docstring). Same arguments and results as
     `memory_recurrent_reference`; `compile_step=True` runs the chunk step and the reads through `torch.compile`.
@@ -336,7 +360,7 @@ def memory_chunked_dual(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gat
         starts, factors = [], []
         for kc, vc, ec, dc in zip(k_c.unbind(1), v_c.unbind(1), end.unbind(1), decay.unbind(1)):
             starts.append((weights, momentum))
-            weights, momentum, inputs, deltas = advance(weights, momentum, kc, vc, ec, dc, act)
+            weights, momentum, inputs, deltas = advance(weights, momentum, kc, vc, ec, dc, act, max_surprise_norm)
             factors.append((inputs[1:], deltas))
         if retrieve == "after":
             read_k, read_a, read_d = c.k, c.a, c.d
@@ -412,6 +436,9 @@ class NeuralMemory(nn.Module):
         eta_max: eta_t = eta_max * sigmoid(.) (1 = the paper's sigmoid gate). Below 1 it keeps the momentum damped:
             with eta near 1 and alpha near 0 the update can diverge on periodic inputs (README, "S-NIAH").
         theta_init, eta_init, alpha_init: the gates' values at initialisation (their biases).
+        max_surprise_norm: clip each token's momentary surprise grad l(M_{t'}; x_t) (eq. 12's gradient, all
+            layers together) to this Frobenius norm before eq. 14; None (default) is the paper's update. It bounds
+            the step a chunk's b stale gradients can take where the memory's curvature has grown (README, "S-NIAH").
         retrieve: "after" (y_t = M_t^*(q_t), x_t already written) or "before" (M_{t-1}^*); the paper does not say.
         impl: "dual" | "materialized" | "reference" (see the module docstring; all compute the same numbers).
         compile_step: `torch.compile` the dual form's chunk step and reads (fuses their small kernels; the first
@@ -422,7 +449,7 @@ class NeuralMemory(nn.Module):
                  expansion: float = 4.0, act: str = "silu", chunk_size: int = 64, momentum: bool = True,
                  forgetting: bool = True, conv: bool = True, conv_kernel: int = 4, qk_l2norm: bool = True,
                  theta_max: float = 1.0, theta_init: float = 0.02, eta_init: float = 0.5, alpha_init: float = 0.01,
-                 eta_max: float = 1.0,
+                 eta_max: float = 1.0, max_surprise_norm: float | None = None,
                  retrieve: str = "after", impl: str = "dual", compile_step: bool = False) -> None:
         super().__init__()
         if act not in ACTIVATIONS or retrieve not in RETRIEVE or impl not in IMPLS or depth < 1:
@@ -431,6 +458,8 @@ class NeuralMemory(nn.Module):
         if not 0 < eta_init < eta_max <= 1:
             raise ValueError(f"NeuralMemory: need 0 < eta_init < eta_max <= 1, got eta_init={eta_init}, "
                              f"eta_max={eta_max}")
+        if max_surprise_norm is not None and not max_surprise_norm > 0:
+            raise ValueError(f"NeuralMemory: max_surprise_norm must be positive or None, got {max_surprise_norm}")
         if compile_step and impl != "dual":
             raise ValueError(f"NeuralMemory: compile_step applies to impl='dual' only, got impl={impl!r}")
         self.dim, self.num_heads = dim, num_heads
@@ -438,7 +467,7 @@ class NeuralMemory(nn.Module):
         self.depth, self.act, self.chunk_size = depth, act, chunk_size
         self.momentum, self.forgetting, self.qk_l2norm = momentum, forgetting, qk_l2norm
         self.theta_max, self.retrieve, self.impl, self.compile_step = theta_max, retrieve, impl, compile_step
-        self.eta_max = eta_max
+        self.eta_max, self.max_surprise_norm = eta_max, max_surprise_norm
         inner = num_heads * self.head_dim
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
@@ -518,7 +547,8 @@ class NeuralMemory(nn.Module):
     def memorize(self, state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gates: Gates) -> tuple[Tensor, MemoryState]:
         """Write the tokens' (k, v) with eqs. 13-14 and read q with eq. 15 on the way: reads (BH, T, d), new state."""
         extra = {"compile_step": True} if self.compile_step else {}  # only the dual form takes it
-        return MEMORY_IMPLS[self.impl](state, k, v, q, gates, self.chunk_size, self.act, self.retrieve, **extra)
+        return MEMORY_IMPLS[self.impl](state, k, v, q, gates, self.chunk_size, self.act, self.retrieve,
+                                       self.max_surprise_norm, **extra)
 
     def recall(self, state: MemoryState, q: Tensor) -> Tensor:
         return memory_recall(state, q, self.act)
