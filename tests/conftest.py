@@ -37,6 +37,22 @@ def run_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None, t
 
 
 @pytest.fixture
+def load_script(monkeypatch):
+    """`load_script("bench_lra")` imports scripts/bench_lra.py as module `bench_lra`, registered in `sys.modules`
+    for the test (process pools unpickle the script's functions by module name)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
 def cli(tmp_path):
     def _run(*args: str, env: dict[str, str] | None = None, check: bool = True, script: str = "train.py"):
         result = run_cli(list(args), tmp_path / "outputs", env=env, script=script)

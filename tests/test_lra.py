@@ -439,24 +439,13 @@ def test_short_listops_training_beats_the_majority_class(tmp_path):
         result["test/accuracy"])
 
 
-def _load_bench_lra(monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_lra", Path(__file__).resolve().parents[1] / "scripts" /
-                                                  "bench_lra.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_lra", module)  # its data workers unpickle functions by module name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_resume_continues_a_stopped_run_exactly(tmp_path, monkeypatch, capsys):
+def test_bench_resume_continues_a_stopped_run_exactly(tmp_path, monkeypatch, capsys, load_script):
     """A GPU reproduction runs in budget-stopped parts: part 1 stops after one step and saves its state, part 2
     resumes it; the loss windows of steps 3-4 and 5-6 equal those of an uninterrupted run (weights, Adam, schedule,
     dropout RNG and data order all restored)."""
     import re
 
-    bench = _load_bench_lra(monkeypatch)
+    bench = load_script("bench_lra")
     monkeypatch.setenv("FORMERLAB_CACHE", str(tmp_path / "cache"))
     common = ["bench", "--train", "listops", "--quick", "--steps", "6", "--workers", "1"]
 

@@ -310,22 +310,13 @@ def test_short_training_beats_unigram():
     assert val < 0.8 * data.unigram_loss, (val, data.unigram_loss)
 
 
-def _load_bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_titans", REPO / "scripts" / "bench_titans.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeypatch, capsys):
+def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeypatch, capsys, load_script):
     """The GPU benchmark's bookkeeping on the CPU: items past the budget are "skipped", a failing variant is an
     "error" with its reason (after the SDPA fallback), the others run (MAG / MAL at 4 x 32 tokens), and the JSON
     on disk holds every item recorded so far."""
     import json
 
-    bench = _load_bench()
+    bench = load_script("bench_titans")
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "throughput,chunk", "--max-seconds", "0"])
     bench.main()
