@@ -25,6 +25,13 @@ runs on every CPU core and its rate is printed; generated data is cached (`FORME
 every `--eval-every` steps and reports the test accuracy of the best-validation weights (the official protocol) next
 to that of the final weights.
 
+Is the generated Pathfinder data learnable at all? The same images, split and budget flags, but a small dilated
+ResNet (593K parameters, Adam 2e-3, batch 256) instead of the Transformer; it should leave chance within a few
+epochs (89 % test after one minute on an H200, see the README):
+
+    python scripts/bench_lra.py --train pathfinder32 --train-size 160000 --val-size 2000 --test-size 20000 \
+        --probe-cnn --minutes 3
+
 The masked-attention NaN check (seconds; see `shared/blocks/attention/softmax.py`, `MASKED_BACKENDS`):
 
     python scripts/bench_lra.py --check-sdpa
@@ -258,6 +265,99 @@ def pathfinder_data(sizes: dict[str, int], seed: int, workers: int, difficulty: 
     return data
 
 
+def pathfinder_splits(args: argparse.Namespace, workers: int) -> dict[str, tasks.SequenceDataset]:
+    sizes = ({"train": args.train_size, "val": args.val_size, "test": args.test_size} if not args.quick
+             else {"train": 64, "val": 8, "test": 32})
+    return pathfinder_data(sizes, args.seed, workers, args.difficulty)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A convolutional probe of the Pathfinder data
+
+
+class ResidualBlock(torch.nn.Module):
+    """x + BN(conv3x3(ReLU(BN(dilated conv3x3(x))))), then ReLU."""
+
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.norm1 = torch.nn.BatchNorm2d(channels)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x))))))
+
+
+def probe_cnn_model(channels: int = 64) -> torch.nn.Module:
+    """Images (B, 1, H, W) in [0, 1] -> logits (B, 2). Dilations 1-8 twice: the receptive field (63 pixels)
+    spans a whole 32x32 image, which a path between the two markers needs."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, channels, 3, padding=1, bias=False), torch.nn.BatchNorm2d(channels), torch.nn.ReLU(),
+        *(ResidualBlock(channels, d) for d in (1, 2, 4, 8, 1, 2, 4, 8)),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(channels, 2))
+
+
+def probe_cnn(data: dict[str, tasks.SequenceDataset], budget_s: float, device: torch.device, seed: int,
+              batch_size: int = 256) -> dict:
+    """Train the probe for `budget_s` seconds (whole epochs, the last one cut at the budget) and report the
+    validation and test accuracy (%) after every epoch and the test accuracy at the best validation epoch."""
+    torch.manual_seed(seed)
+
+    def images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = np.stack(data[split].sequences).astype(np.float32) / 255.0  # (N, H * W)
+        side = math.isqrt(pixels.shape[1])
+        x = torch.from_numpy(pixels).view(-1, 1, side, side).to(device)  # (N, 1, H, W)
+        return x, torch.from_numpy(data[split].labels).to(device)
+
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = images("train"), images("val"), images("test")
+    model = probe_cnn_model().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+
+    @torch.no_grad()
+    def accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
+        model.eval()
+        correct = 0
+        for start in range(0, len(x), 1024):
+            with autocast(device):
+                correct += int((model(x[start:start + 1024]).argmax(-1) == y[start:start + 1024]).sum())
+        model.train()
+        return 100.0 * correct / len(x)
+
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(x_train))
+    epochs, t0 = [], time.time()
+    while time.time() - t0 < budget_s:
+        order = torch.randperm(len(x_train), generator=generator).to(device)
+        losses = []
+        for start in range(0, len(x_train) - batch_size + 1, batch_size):
+            index = order[start:start + batch_size]
+            with autocast(device):
+                loss = F.cross_entropy(model(x_train[index]).float(), y_train[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            if time.time() - t0 > budget_s:
+                break
+        epochs.append({"epoch": len(epochs) + 1, "seconds": round(time.time() - t0, 1),
+                       "train_loss": float(torch.stack(losses).mean()),
+                       "val": accuracy(x_val, y_val), "test": accuracy(x_test, y_test)})
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in epochs[-1].items()),
+              flush=True)
+    best = max(epochs, key=lambda e: e["val"])
+    majority = 100.0 * max(float(y_test.float().mean()), 1 - float(y_test.float().mean()))
+    print(f"\nCNN probe: test accuracy {best['test']:.2f} at the best validation epoch {best['epoch']} "
+          f"(val {best['val']:.2f}); majority class {majority:.2f}")
+    return {"epochs": epochs, "best_epoch": best["epoch"], "test_accuracy": best["test"], "majority": majority,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def probe_pathfinder(args: argparse.Namespace, device: torch.device) -> dict:
+    data = pathfinder_splits(args, args.workers or os.cpu_count() or 1)
+    return probe_cnn(data, (args.minutes or (0.1 if args.quick else 3.0)) * 60, device, args.seed)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -323,9 +423,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         optim = dict(name="adamw", lr=0.05 / math.sqrt(1000), weight_decay=0.1, betas=(0.9, 0.98), eps=1e-9)
         sched = dict(name="rsqrt", warmup_steps=1000)
     else:
-        sizes = ({"train": args.train_size, "val": args.val_size, "test": args.test_size} if not args.quick
-                 else {"train": 64, "val": 8, "test": 32})
-        data = pathfinder_data(sizes, args.seed, workers, args.difficulty)
+        data = pathfinder_splits(args, workers)
         model_name, batch_size, total_steps = "pathfinder32_transformer", 512 if not args.quick else 16, None
         optim = dict(name="adamw", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-9)
         sched = dict(name="cosine", warmup_steps=max(1, len(data["train"]) // batch_size), min_lr=0.0)
@@ -455,6 +553,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     train_seconds = time.time() - t0
     if os.environ.get("OUT") and done < total_steps and diverged is None:
         path = Path(os.environ["OUT"]) / f"{args.train}_state.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model_name, "seed": args.seed, "total_steps": total_steps, "step": done,
                     "weights": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "cpu_rng": torch.get_rng_state(),
@@ -506,6 +605,8 @@ def main() -> None:
                              "plans a run that later commands continue with --resume")
     parser.add_argument("--resume", default="",
                         help="a $OUT/<task>_state.pt that a run stopped by its budget saved: continue it exactly")
+    parser.add_argument("--probe-cnn", action="store_true",
+                        help="with --train pathfinder32: train a small CNN on the same data (is it learnable?)")
     parser.add_argument("--grad-clip", type=float, default=0.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--pad-multiple", type=int, default=128,
@@ -529,6 +630,10 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.check_sdpa:
         result, key = check_sdpa(device, args.quick), "sdpa_check"
+    elif args.probe_cnn:
+        if args.train != "pathfinder32":
+            parser.error("--probe-cnn needs --train pathfinder32")
+        result, key = probe_pathfinder(args, device), "pathfinder32_cnn_probe"
     elif args.train:
         result, key = train(args, device), args.train
     else:

@@ -131,6 +131,7 @@ class Bench:
     def save(self) -> None:
         if os.environ.get("OUT"):
             path = Path(os.environ["OUT"]) / self.args.json
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.results, indent=1, default=str))
             os.replace(tmp, path)  # a kill mid-write leaves the previous complete file

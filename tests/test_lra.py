@@ -450,8 +450,7 @@ def test_bench_resume_continues_a_stopped_run_exactly(tmp_path, monkeypatch, cap
     common = ["bench", "--train", "listops", "--quick", "--steps", "6", "--workers", "1"]
 
     def run(out: str, *extra: str) -> dict[int, str]:
-        (tmp_path / out).mkdir()
-        monkeypatch.setenv("OUT", str(tmp_path / out))
+        monkeypatch.setenv("OUT", str(tmp_path / out))  # not created: the bench makes it
         monkeypatch.setattr("sys.argv", common + list(extra))
         bench.main()
         return dict((int(s), loss) for s, loss in re.findall(r"step (\d+)/6 loss (\S+)", capsys.readouterr().out))
@@ -461,3 +460,24 @@ def test_bench_resume_continues_a_stopped_run_exactly(tmp_path, monkeypatch, cap
     assert not first and (tmp_path / "first" / "listops_state.pt").is_file()
     rest = run("rest", "--minutes", "5", "--resume", str(tmp_path / "first" / "listops_state.pt"))
     assert set(whole) == {2, 4, 6} and rest[4] == whole[4] and rest[6] == whole[6], (whole, rest)
+
+
+@pytest.mark.slow
+def test_pathfinder_cnn_probe_learns_a_learnable_labelling(load_script):
+    """The probe that checks generated Pathfinder data is learnable must itself learn: 16x16 images with one
+    horizontal or one vertical dashed stroke among noise pixels, labelled by the stroke's direction."""
+    bench = load_script("bench_lra")
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tasks.SequenceDataset:
+        labels = rng.integers(0, 2, n)
+        images = (rng.random((n, 16, 16)) < 0.05).astype(np.uint8) * 120
+        for image, label, (row, start) in zip(images, labels, rng.integers(2, 14, (n, 2)) // [1, 2]):
+            stroke = image[row, start:start + 8:2] if label else image[start:start + 8:2, row]
+            stroke[:] = 255
+        return tasks.SequenceDataset(list(images.reshape(n, -1)), labels)
+
+    result = bench.probe_cnn({"train": split(256), "val": split(64), "test": split(128)}, budget_s=30,
+                             device=torch.device("cpu"), seed=0, batch_size=64)
+    assert result["params"] == 592_706
+    assert result["test_accuracy"] >= 90.0, result["epochs"]

@@ -317,10 +317,11 @@ def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeyp
     import json
 
     bench = load_script("bench_titans")
-    monkeypatch.setenv("OUT", str(tmp_path))
+    out = tmp_path / "out"  # not created: the bench makes it
+    monkeypatch.setenv("OUT", str(out))
     monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "throughput,chunk", "--max-seconds", "0"])
     bench.main()
-    saved = json.loads((tmp_path / "titans.json").read_text())
+    saved = json.loads((out / "titans.json").read_text())
     assert saved["throughput"]["mag"]["64"] == {"skipped": "time budget"}
     assert all(r == {"skipped": "time budget"} for r in saved["chunk"]["64"].values())
     assert "skipped" in capsys.readouterr().out
@@ -331,14 +332,14 @@ def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeyp
     def model(self, variant, **kw):
         if variant == "lmm":
             raise RuntimeError("no such kernel")
-        written.append(json.loads((tmp_path / "titans.json").read_text()))  # saved after the previous item
+        written.append(json.loads((out / "titans.json").read_text()))  # saved after the previous item
         return build(self, variant, **kw)
 
     monkeypatch.setattr(bench.Bench, "model", model)
     monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "throughput", "--seq-lens", "32",
                                      "--tokens-per-batch", "128", "--compile-variants", ""])
     bench.main()
-    table = json.loads((tmp_path / "titans.json").read_text())["throughput"]
+    table = json.loads((out / "titans.json").read_text())["throughput"]
     assert table["lmm"]["32"]["error"] == "RuntimeError: no such kernel"
     assert all(table[v]["32"]["tokens_per_s"] > 0 for v in ("transformer", "mac", "mag", "mal"))
     assert "lmm" in written[-1]["throughput"] and "mag" in written[-1]["throughput"]  # before MAL ran
