@@ -66,6 +66,18 @@ def test_padding_tokens_do_not_change_the_logits():
     torch.testing.assert_close(model(tokens), model(padded), rtol=1e-5, atol=1e-5)
 
 
+def test_model_compiles_to_one_graph_with_and_without_padding():
+    """torch.compile traces the whole forward (no graph break at the "anything to mask?" check), and the compiled
+    model gives the eager logits for a padded batch and for one without padding."""
+    torch.manual_seed(0)
+    model = lra_model.create_model("listops_tiny", num_layers=1).eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    full = torch.randint(1, 17, (2, 30))
+    padded = torch.cat([full, torch.zeros(2, 9, dtype=torch.long)], dim=1)
+    for tokens in (full, padded):
+        torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_sinusoidal_table_interleaves_sin_and_cos():
     table = lra_model.sinusoidal_table(5, 4)
     assert table[3, 0] == pytest.approx(math.sin(3)) and table[3, 1] == pytest.approx(math.cos(3))

@@ -115,8 +115,8 @@ class TransformerEncoder(nn.Module):
         if n > self.max_len:
             raise ValueError(f"input has {n} tokens, the model was built for max_len={self.max_len}")
         mask = None if self.pad_id is None else tokens != self.pad_id  # (B, N)
-        if mask is not None and not mask.is_meta and bool(mask.all()):
-            mask = None  # nothing to mask: lets SDPA take its fastest kernels
+        if mask is not None and not mask.is_meta and not torch.compiler.is_compiling() and bool(mask.all()):
+            mask = None  # nothing to mask: lets SDPA take its fastest kernels (eager only: a graph break compiled)
         x = self.embed(tokens)  # (B, N, C)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1)  # (B, N + 1, C)
