@@ -305,7 +305,7 @@ def probe_cnn(data: dict[str, tasks.SequenceDataset], budget_s: float, device: t
     torch.manual_seed(seed)
 
     def images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = np.stack(data[split].sequences).astype(np.float32) / 255.0  # (N, H * W)
+        pixels = np.asarray(data[split].sequences, dtype=np.float32) / 255.0  # (N, H * W)
         side = math.isqrt(pixels.shape[1])
         x = torch.from_numpy(pixels).view(-1, 1, side, side).to(device)  # (N, 1, H, W)
         return x, torch.from_numpy(data[split].labels).to(device)
