@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from shared.lit.cluster import SubmititLocalEnvironment
 from shared.lit.errors import CheckpointError, ConfigError, FormerlabError
 from shared.lit.logging import get_logger, route_lightning_logs_through_hydra
 from shared.lit.registry import REPO_ROOT
@@ -54,7 +55,8 @@ def _run(cfg: DictConfig) -> float | None:
     module = build("model", cfg.model)
     callbacks = [build(f"callbacks.{name}", node) for name, node in cfg.get("callbacks", {}).items() if node]
     loggers = [build(f"logger.{name}", node) for name, node in cfg.get("logger", {}).items() if node]
-    trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    ranks = {"plugins": [SubmititLocalEnvironment()]} if SubmititLocalEnvironment.detect() else {}
+    trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, **ranks)
     if trainer.strategy.root_device.type == "cpu" and trainer.world_size > 1:
         # CPU ranks share the cores: without this each would start one thread per core and oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
