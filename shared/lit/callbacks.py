@@ -209,7 +209,21 @@ class ExactResume(Callback):
 
     Together with the loaders of `shared.data.loading` (whose order and augmentation depend on the seed, the
     epoch and the sample only), a resumed run draws the same random numbers as the run it continues.
+
+    Also records a run that `trainer.max_steps` stopped in the middle of an epoch as the mid-epoch state it is:
+    Lightning counts that epoch as processed (or completed), and a run extended from the checkpoint (a larger
+    `max_steps`, `ckpt_path=last`) would continue with the next epoch's data from the current batch.
     """
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+        if not fit_loop:
+            return
+        epoch, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
+        if batches["current"]["completed"] > 0 and not batches["is_last_batch"]:  # stopped inside an epoch
+            for counts in (epoch["current"], epoch["total"]):
+                counts["processed"] = counts["completed"] = counts["started"] - 1
+            checkpoint["epoch"] = epoch["current"]["completed"]
 
     def state_dict(self) -> dict[str, Any]:
         state = _rng_state()
