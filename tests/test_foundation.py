@@ -20,6 +20,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def train_losses(rows: list[dict[str, str]]) -> list[tuple[int, str]]:
+    return [(int(r["step"]), r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
 def last_value(rows: list[dict[str, str]], key: str) -> float:
     return [float(r[key]) for r in rows if r.get(key)][-1]
 
@@ -109,6 +113,22 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(cli):
         assert torch.equal(value, resumed["state_dict"][key]), key
     full_rows, resumed_rows = read_metrics(cli.outputs / "toy" / "full"), read_metrics(cut)
     assert last_value(full_rows, "test/loss") == last_value(resumed_rows, "test/loss")
+    # the resumed run continues the CSV log: the whole curve, each step once, as the uninterrupted run logged it
+    assert train_losses(resumed_rows) == train_losses(full_rows)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_max_steps_mid_epoch_extends_like_the_uninterrupted_run(cli):
+    """max_steps=10 stops inside the first epoch (16 steps); extending the run to 30 with ckpt_path=last must
+    continue that epoch's data, not start the next epoch's (Lightning marks the stopped epoch as finished)."""
+    steady = ["model.scheduler.name=constant", "model.scheduler.warmup_steps=0", "trainer.max_epochs=-1", "test=false"]
+    cli(*TOY, *steady, "run_id=full", "trainer.max_steps=30")
+    cli(*TOY, *steady, "run_id=extended", "trainer.max_steps=10")
+    cli(*TOY, *steady, "run_id=extended", "trainer.max_steps=30", "ckpt_path=last")
+    full = read_metrics(cli.outputs / "toy" / "full")
+    extended = read_metrics(cli.outputs / "toy" / "extended")
+    assert [int(r["epoch"]) for r in extended if r.get("train/loss")] == [int(r["epoch"]) for r in full if r.get("train/loss")]
+    assert train_losses(extended) == train_losses(full)
 
 
 @pytest.mark.slow

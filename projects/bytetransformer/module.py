@@ -70,7 +70,7 @@ class MaskedLM(PaperModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         result = self.model.masked_lm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.log("train/loss", result.loss, prog_bar=True)
+        self.log("train/loss", result.loss, prog_bar=True, sync_dist=True)
         return result.loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], split: str) -> None:

@@ -102,7 +102,7 @@ class HATModule(PaperModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = F.l1_loss(self.model(batch["lq"]), batch["gt"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, on_step=True, on_epoch=False)
         return loss
 
     def flops_per_sample(self) -> float | None:

@@ -50,7 +50,7 @@ class LRAModule(PaperModule):
         logits = self(batch)
         loss = F.cross_entropy(logits.float(), batch["targets"])
         accuracy = (logits.argmax(-1) == batch["targets"]).float().mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/accuracy", accuracy)
         return loss
 

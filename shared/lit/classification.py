@@ -209,7 +209,7 @@ class ClassificationModule(PaperModule):
         images, labels = batch
         images, target = self.mix(images, labels)
         loss = self.distillation_loss(images, self.model(images), target)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, on_step=True, on_epoch=False)
         return loss
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

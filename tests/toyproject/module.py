@@ -25,7 +25,7 @@ class ToyModule(PaperModule):
         if self.hparams.nan_grad_at_step is not None and self.global_step >= self.hparams.nan_grad_at_step:
             # finite (0 * sqrt(0)) forward, NaN (0 * inf) gradient
             loss = loss + 0.0 * torch.sqrt(self.model[0].weight.sum() * 0.0)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
