@@ -120,8 +120,13 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(cli):
 @pytest.mark.slow
 def test_a_run_stopped_by_max_steps_mid_epoch_extends_like_the_uninterrupted_run(cli):
     """max_steps=10 stops inside the first epoch (16 steps); extending the run to 30 with ckpt_path=last must
-    continue that epoch's data, not start the next epoch's (Lightning marks the stopped epoch as finished)."""
-    steady = ["model.scheduler.name=constant", "model.scheduler.warmup_steps=0", "trainer.max_epochs=-1", "test=false"]
+    continue that epoch's data, not start the next epoch's (Lightning marks the stopped epoch as finished), and
+    from the trained weights, not their EMA (which Lightning copies into the model when training ends)."""
+    steady = ["model.scheduler.name=constant", "model.scheduler.warmup_steps=0", "trainer.max_epochs=-1", "test=false",
+              # an EMA of the weights: the checkpoint written after training must resume the trained weights
+              "+callbacks.ema._target_=shared.lit.callbacks.EMA", "+callbacks.ema.decay=0.9",
+              # validation only at the end: last.ckpt is then written when training ends, after the EMA copy
+              "trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=30"]
     cli(*TOY, *steady, "run_id=full", "trainer.max_steps=30")
     cli(*TOY, *steady, "run_id=extended", "trainer.max_steps=10")
     cli(*TOY, *steady, "run_id=extended", "trainer.max_steps=30", "ckpt_path=last")
@@ -129,6 +134,11 @@ def test_a_run_stopped_by_max_steps_mid_epoch_extends_like_the_uninterrupted_run
     extended = read_metrics(cli.outputs / "toy" / "extended")
     assert [int(r["epoch"]) for r in extended if r.get("train/loss")] == [int(r["epoch"]) for r in full if r.get("train/loss")]
     assert train_losses(extended) == train_losses(full)
+    a = torch.load(cli.outputs / "toy" / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(cli.outputs / "toy" / "extended" / "checkpoints" / "last.ckpt", weights_only=True)
+    for name in ("state_dict", "current_model_state"):  # the average, and the trained weights
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), (name, key)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 Training (paper §4.1, official options/train): L1 loss between the super-resolved patch and the HR patch; Adam
 (0.9, 0.99) and a multi-step schedule come from the `optimizer` / `scheduler` config; the EMA of the weights
-(decay 0.999, BasicSR's `net_g_ema`) is Lightning's EMAWeightAveraging callback, which also swaps the averaged
+(decay 0.999, BasicSR's `net_g_ema`) is the `shared.lit.callbacks.EMA` callback, which also swaps the averaged
 weights in for validation, test and the saved checkpoint, as BasicSR evaluates `params_ema`.
 
 Evaluation (BasicSR's protocol): whole images padded to the window multiple and cropped back (optionally in tiles,

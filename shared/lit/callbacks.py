@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from shared.lit.errors import NonFiniteLossError
@@ -202,6 +202,33 @@ class PreemptionCheckpoint(Callback):
             except ValueError:
                 pass
             self._previous = None
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMA of the weights (validated, tested and saved as the checkpoint's `state_dict`), except that a
+    checkpoint written after training ended keeps the trained weights as the weights to resume from.
+
+    Lightning copies the average into the model when training ends and then writes `last.ckpt` (a run stopped by
+    `max_steps` between epochs), so the copy became the "current" weights: a run extended from it with
+    `ckpt_path=last` continued training from the average instead of the weights it had trained.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._trained_weights: dict[str, torch.Tensor] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained_weights = None
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained_weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._trained_weights is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._trained_weights
 
 
 class ExactResume(Callback):
