@@ -1,13 +1,22 @@
 #!/usr/bin/env python
-"""DDP scaling and correctness on several GPUs of one node, through the real CLI (issue: multi-GPU).
+"""DDP on several GPUs of one node, through the real CLI: scaling, correctness, checkpoint moves, SLURM preset.
 
-For each project: throughput at 1, 2 (, 4) GPUs at a fixed per-GPU batch (bf16-mixed, DDP), scaling efficiency
-= throughput(N) / (N x throughput(1)); and correctness: 1 GPU with the global batch against N GPUs with
-global/N each, same seed, comparing the loss curves and the final weights.
+    python scripts/bench_ddp_scaling.py --project hat --devices 1 2 --parts scaling,correctness,resume,slurm
 
-    python scripts/bench_ddp_scaling.py --project hat --devices 1 2 4 --batch 8 --steps 80 -- <overrides>
+- scaling: throughput at each device count at a fixed per-GPU batch (bf16-mixed, DDP); efficiency =
+  throughput(N) / (N x throughput(1)). Throughput is the median of the `perf/samples_per_s` the Throughput callback
+  logs after `--warmup` steps (all ranks together, data loading included).
+- correctness: N GPUs with the per-GPU batch against 1 GPU with the global batch, same seed. `train/loss` is the
+  mean over ranks, so the two curves are the same function of the same data; they differ only by floating-point
+  order. The tolerance comes from the same run: a repeat of the 1-GPU run (the GPU's own run-to-run spread) and
+  the 1-GPU run with another seed (what a different training looks like). Validation, reduced over ranks, at the end.
+- resume: N GPUs for a third of the steps, 1 GPU (global batch) from that checkpoint to two thirds, N GPUs to the
+  end (`ckpt_path=last` each time), against the uninterrupted N-GPU run.
+- slurm: the SLURM preset through submitit's local executor (`hydra/launcher=slurm_local trainer=ddp`,
+  tasks_per_node = gpus_per_node = devices: one task per GPU, no re-launch by Lightning), against the N-GPU run.
 
-Throughput is the median of the `perf/samples_per_s` the Throughput callback logs after `--warmup` steps.
+`--accelerator cpu` runs the same protocol on CPU processes (gloo, float32): how this script is tested.
+Results: a table on stdout and `$OUT/ddp_<project>.json` with every curve.
 """
 
 from __future__ import annotations
@@ -19,67 +28,157 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def train(project: str, devices: int, batch: int, steps: int, run_id: str, log_dir: Path, extra: list[str]) -> Path:
-    strategy = ["trainer=ddp", f"trainer.devices={devices}"] if devices > 1 else ["trainer=gpu"]
-    args = [sys.executable, "train.py", f"project={project}", *strategy, "trainer.precision=bf16-mixed",
-            f"data.batch_size={batch}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-            "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=null", "trainer.limit_val_batches=0",
-            "trainer.log_every_n_steps=1", "test=false", "logger=csv", f"run_id={run_id}",
-            f"paths.log_dir={log_dir}", *extra]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return log_dir / project / run_id
+# The paper-sized model of each project at the paper's per-GPU batch, on the embedded data, with stochastic depth off
+# (each rank draws its own masks, which a 1-GPU run cannot reproduce; it changes no FLOP).
+PROJECTS: dict[str, dict] = {
+    "hat": {"batch": 4, "overrides": ["model.arch=hat_x2", "+model.arch_kwargs.drop_path_rate=0.0",
+                                      "data.patch_size=64", "data.num_workers=4", "model.log_images=0"]},
+    "titans": {"batch": 4, "overrides": ["model.net.name=titans_mac_small", "data.seq_len=1024",
+                                         "data.num_workers=2"]},
+    "toy": {"batch": 8, "overrides": ["model.dropout=0.0"]},  # the tests' project (with the tests' searchpath)
+}
+# NVLink multicast stays off on shared machines (a program using it can take the host's GPUs out of service).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def metrics(run_dir: Path, key: str) -> list[float]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.log_dir = Path(args.log_dir)
+        self.walls: dict[str, float] = {}
+
+    def train(self, run_id: str, devices: int, batch: int, *extra: str, slurm: bool = False,
+              max_steps: int | None = None) -> Path:
+        a = self.args
+        gpu = a.accelerator == "gpu"
+        if devices > 1:
+            trainer = ["trainer=ddp" if gpu else "trainer=ddp_cpu", f"trainer.devices={devices}"]
+        else:
+            trainer = ["trainer=gpu" if gpu else "trainer=cpu"]
+        argv = [sys.executable, "train.py", *(["-m", "hydra/launcher=slurm_local"] if slurm else []),
+                f"project={a.project}", *trainer, f"trainer.precision={'bf16-mixed' if gpu else '32-true'}",
+                f"data.batch_size={batch}", f"trainer.max_steps={max_steps or a.steps}", "trainer.max_epochs=-1",
+                f"trainer.val_check_interval={a.steps}", "trainer.check_val_every_n_epoch=null",
+                "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "test=false", "logger=csv",
+                f"run_id={run_id}", f"paths.log_dir={self.log_dir}", *PROJECTS[a.project]["overrides"],
+                *a.overrides, *extra]
+        env = {**os.environ, **NO_MULTICAST, "WANDB_MODE": "disabled"}
+        start = time.perf_counter()
+        result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+        self.walls[run_id] = self.walls.get(run_id, 0.0) + time.perf_counter() - start
+        if result.returncode:
+            raise SystemExit(f"{' '.join(argv)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        print(f"  {run_id}: {devices} device(s) x batch {batch}, {self.walls[run_id]:.0f} s", flush=True)
+        return self.log_dir / a.project / run_id
+
+
+def column(run_dir: Path, key: str) -> list[float]:
+    """The logged values of `key`, in step order (the last one of a step when a resumed run logged it twice)."""
+    by_step: dict[int, float] = {}
+    for path in sorted((run_dir / "csv").glob("**/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    by_step[int(row["step"])] = float(row[key])
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def rel_diff(a: list[float], b: list[float]) -> dict[str, float]:
+    if len(a) != len(b):
+        raise SystemExit(f"curves of different lengths: {len(a)} and {len(b)} steps")
+    rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)]
+    return {"median": statistics.median(rel), "max": max(rel), "mean": statistics.fmean(rel)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--project", required=True)
+    parser.add_argument("--project", required=True, choices=sorted(PROJECTS))
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch", type=int, default=8, help="per-GPU batch for the throughput runs")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--log-dir", default=os.environ.get("OUT", "outputs") + "/scaling")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--batch", type=int, help="per-GPU batch (default: the project's entry in PROJECTS)")
+    parser.add_argument("--steps", type=int, default=90)
+    parser.add_argument("--warmup", type=int, default=30, help="steps left out of the throughput median")
+    parser.add_argument("--parts", default="scaling,correctness,resume,slurm")
+    parser.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
+    parser.add_argument("--log-dir", default=os.environ.get("OUT", "outputs") + "/ddp")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    log_dir = Path(args.log_dir)
-
-    throughput = {}
-    for n in args.devices:
-        run = train(args.project, n, args.batch, args.steps, f"scale-{n}gpu", log_dir, args.overrides)
-        throughput[n] = statistics.median(metrics(run, "perf/samples_per_s")[args.warmup:])
-    base = throughput[args.devices[0]] / args.devices[0]
-    rows = [(n, throughput[n], throughput[n] / (n * base)) for n in args.devices]
-
-    # correctness: same global batch on 1 GPU and on N GPUs
+    parts = set(args.parts.split(","))
+    batch = args.batch or PROJECTS[args.project]["batch"]
     n = max(args.devices)
-    global_batch = args.batch * n
-    one = train(args.project, 1, global_batch, args.steps, "same-batch-1gpu", log_dir, args.overrides)
-    many = train(args.project, n, args.batch, args.steps, f"same-batch-{n}gpu", log_dir, args.overrides)
-    a, b = metrics(one, "train/loss"), metrics(many, "train/loss")
-    rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)]
+    if n < 2:
+        raise SystemExit("--devices must include a count of at least 2")
+    runner = Runner(args)
+    out: dict = {"project": args.project, "per_gpu_batch": batch, "steps": args.steps, "devices": args.devices,
+                 "accelerator": args.accelerator}
+    if args.accelerator == "gpu":
+        import torch
 
-    print(f"\nDDP scaling, {args.project}, per-GPU batch {args.batch}, bf16-mixed")
-    print(f"{'GPUs':>4} {'samples/s':>12} {'efficiency':>10}")
-    for n_, thr, eff in rows:
-        print(f"{n_:>4} {thr:>12.1f} {eff:>10.3f}")
-    print(f"loss curves, global batch {global_batch}: 1 GPU vs {n} GPUs: median rel. diff {statistics.median(rel):.2e},"
-          f" max {max(rel):.2e} (rank 0 logs its shard's loss; the weights follow the averaged gradient)")
-    out = {"project": args.project, "throughput": throughput, "efficiency": {r[0]: r[2] for r in rows},
-           "loss_rel_diff_median": statistics.median(rel), "loss_rel_diff_max": max(rel)}
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"ddp_scaling_{args.project}.json").write_text(json.dumps(out, indent=2))
+        out["device"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    print(f"{args.project}: per-GPU batch {batch}, {args.steps} steps, {args.accelerator} ({out.get('device', '')})")
+
+    # the N-GPU run serves scaling, correctness, resume and slurm alike
+    many = runner.train(f"ddp{n}", n, batch)
+    curves = {f"{n}x{batch}": column(many, "train/loss")}
+    if "scaling" in parts:
+        throughput, mfu = {}, {}
+        for d in args.devices:
+            run = many if d == n else runner.train(f"scale{d}", d, batch)
+            throughput[d] = statistics.median(column(run, "perf/samples_per_s")[args.warmup:])
+            mfu[d] = statistics.median(column(run, "perf/mfu")[args.warmup:] or [float("nan")])
+        base = throughput[min(args.devices)] / min(args.devices)
+        out["throughput"], out["mfu"] = throughput, mfu
+        out["efficiency"] = {d: throughput[d] / (d * base) for d in args.devices}
+    if "correctness" in parts:
+        one = runner.train("one", 1, n * batch)
+        repeat = runner.train("one-repeat", 1, n * batch)
+        other_seed = runner.train("one-seed1", 1, n * batch, "seed=1")
+        curves.update({f"1x{n * batch}": column(one, "train/loss"), f"1x{n * batch} repeat": column(repeat, "train/loss"),
+                       f"1x{n * batch} seed 1": column(other_seed, "train/loss")})
+        a = curves[f"1x{n * batch}"]
+        out["loss_rel_diff"] = {f"{n} GPUs vs 1 GPU": rel_diff(a, curves[f"{n}x{batch}"]),
+                                "1 GPU repeat": rel_diff(a, curves[f"1x{n * batch} repeat"]),
+                                "1 GPU, seed 1": rel_diff(a, curves[f"1x{n * batch} seed 1"])}
+        val_key = "val/psnr" if args.project == "hat" else "val/loss"
+        out["final_" + val_key] = {name: column(run, val_key)[-1] for name, run in
+                                   [(f"{n} GPUs", many), ("1 GPU", one), ("1 GPU repeat", repeat),
+                                    ("1 GPU seed 1", other_seed)]}
+    if "resume" in parts:
+        first, second = args.steps // 3, 2 * args.steps // 3
+        runner.train("moved", n, batch, max_steps=first)
+        runner.train("moved", 1, n * batch, "ckpt_path=last", max_steps=second)
+        moved = runner.train("moved", n, batch, "ckpt_path=last")
+        curves[f"{n}->1->{n}"] = column(moved, "train/loss")
+        out["loss_rel_diff"] = {**out.get("loss_rel_diff", {}),
+                                f"{n}->1->{n} GPUs vs {n} GPUs": rel_diff(curves[f"{n}x{batch}"], curves[f"{n}->1->{n}"])}
+    if "slurm" in parts:
+        slurm = runner.train("slurm", n, batch, slurm=True)
+        tasks = sorted(p.name for p in (runner.log_dir / ".submitit").glob("*/*_log.out"))
+        curves["slurm preset"] = column(slurm, "train/loss")
+        out["slurm_tasks"] = len(tasks)
+        out["loss_rel_diff"] = {**out.get("loss_rel_diff", {}),
+                                f"slurm preset vs {n} GPUs": rel_diff(curves[f"{n}x{batch}"], curves["slurm preset"])}
+    out["curves"] = curves
+    out["wall_s"] = runner.walls
+
+    if "throughput" in out:
+        print(f"\n{'GPUs':>4} {'samples/s':>12} {'efficiency':>10} {'MFU':>6}")
+        for d in args.devices:
+            print(f"{d:>4} {out['throughput'][d]:>12.1f} {out['efficiency'][d]:>10.3f} {out['mfu'][d]:>6.3f}")
+    for name, diff in out.get("loss_rel_diff", {}).items():
+        print(f"train/loss, {name}: relative difference median {diff['median']:.2e}, mean {diff['mean']:.2e}, "
+              f"max {diff['max']:.2e}")
+    for key in [k for k in out if k.startswith("final_")]:
+        print(f"{key[6:]} at step {args.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in out[key].items()))
+    if "slurm_tasks" in out:
+        print(f"SLURM preset: {out['slurm_tasks']} submitit tasks for trainer.devices={n}")
+    path = Path(os.environ.get("OUT", "outputs"), f"ddp_{args.project}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
