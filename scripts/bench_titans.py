@@ -363,19 +363,45 @@ class Bench:
             correct += int(((pred == y) | ~target).all(-1).sum())
         return correct / self.args.niah_eval
 
-    def step_time(self, model: TitansLM, batch: int, seq_len: int, iters: int) -> float:
-        """Median seconds of one training step (forward, backward, AdamW) after two warm-up steps."""
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
+    def step_time(self, model: TitansLM, batch: int, seq_len: int, iters: int, cuda_graph: bool = False) -> float:
+        """Median seconds of one training step (forward, backward, AdamW) after two warm-up steps.
+
+        `cuda_graph`: the whole step captured once as a CUDA graph and replayed (PyTorch's whole-network capture),
+        which removes the launch and Python overhead of the chunk loop's many small kernels but not their work.
+        """
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=self.device.type == "cuda", capturable=cuda_graph)
         x = torch.randint(0, 256, (batch, seq_len), device=self.device)
+
+        # autocast's weight cast cache must be off while capturing (PyTorch's CUDA-graph notes)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda_graph else self.amp
+
+        def train_step() -> None:
+            with amp:
+                loss = model(x).float().logsumexp(-1).mean()
+            loss.backward()
+            opt.step()
+
+        run = train_step
+        if cuda_graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph, on a side stream, as capture requires
+                for _ in range(3):
+                    opt.zero_grad(set_to_none=True)
+                    train_step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            opt.zero_grad(set_to_none=True)  # the captured backward writes the gradients into the graph's pool
+            with torch.cuda.graph(graph):
+                train_step()
+            run = graph.replay
         times = []
         for i in range(iters + 2):
             self.sync()
             t = time.perf_counter()
-            with self.amp:
-                loss = model(x).float().logsumexp(-1).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            run()
+            if not cuda_graph:
+                opt.zero_grad(set_to_none=True)
             self.sync()
             if i >= 2:
                 times.append(time.perf_counter() - t)
@@ -387,10 +413,12 @@ class Bench:
         a = self.args
         rows = [(v, v, {}) for v in a.variants] + [
             (f"{v}+compile", v, {"memory": {"compile_step": True}}) for v in a.compile_variants if v in VARIANTS]
+        graph_rows = {f"{v}+graph" for v in a.graph_variants if v in VARIANTS} if self.device.type == "cuda" else set()
+        rows += [(name, name.removesuffix("+graph"), {}) for name in sorted(graph_rows)]
         for seq_len in a.seq_lens:
             batch = max(1, a.tokens_per_batch // seq_len)
             for name, variant, extra in rows:
-                if extra and seq_len not in a.compile_lens:
+                if (extra and seq_len not in a.compile_lens) or (name in graph_rows and seq_len not in a.graph_lens):
                     continue
                 if self.out_of_time():
                     self.record(("throughput", name, seq_len), SKIPPED)
@@ -400,7 +428,7 @@ class Bench:
                 for backend in dict.fromkeys([a.attn_backend, "sdpa"]):  # FlexAttention, else the SDPA path
                     try:
                         model = self.model(variant, max_len=seq_len, attn_backend=backend, **extra)
-                        sec = self.step_time(model, batch, seq_len, a.iters)
+                        sec = self.step_time(model, batch, seq_len, a.iters, cuda_graph=name in graph_rows)
                         flops = 3 * self.forward_flops(variant, seq_len) * batch
                         row = {"tokens_per_s": batch * seq_len / sec, "step_s": sec, "batch": batch,
                                "tflops": flops / sec / 1e12, "backend": backend,
@@ -584,6 +612,10 @@ def main() -> None:
                    help="throughput rows with the memory's chunk step compiled ('' for none)")
     p.add_argument("--compile-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024],
                    help="lengths of those rows (each length compiles anew, ~a minute)")
+    p.add_argument("--graph-variants", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="throughput rows with the whole training step replayed as a CUDA graph (GPU only)")
+    p.add_argument("--graph-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024],
+                   help="lengths of those rows")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "flex", "sdpa"], help="throughput part")
     p.add_argument("--train-backend", default="sdpa", choices=["auto", "flex", "sdpa"], help="quality parts")
     p.add_argument("--seed", type=int, default=0)
