@@ -395,6 +395,8 @@ class Bench:
             with torch.cuda.graph(graph):
                 train_step()
             run = graph.replay
+            probe = next(model.parameters())
+            before = probe.detach().clone()
         times = []
         for i in range(iters + 2):
             self.sync()
@@ -405,6 +407,8 @@ class Bench:
             self.sync()
             if i >= 2:
                 times.append(time.perf_counter() - t)
+        if cuda_graph and torch.equal(before, probe):
+            raise RuntimeError("the replayed CUDA graph did not update the weights")
         return float(np.median(times))
 
     def part_throughput(self) -> None:
