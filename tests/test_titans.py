@@ -437,3 +437,10 @@ def test_max_surprise_norm_must_be_positive():
 def test_eta_init_must_lie_below_eta_max():
     with pytest.raises(ValueError, match="eta_init"):
         NeuralMemory(32, num_heads=2, eta_init=0.9, eta_max=0.8)
+
+
+def test_cuda_graph_on_a_cpu_run_is_one_clear_error(cli):
+    result = cli("project=titans", "model.cuda_graph=true", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
+                 check=False)
+    assert result.returncode == 1
+    assert "model.cuda_graph=true needs a GPU; this run trains on cpu" in result.stdout + result.stderr

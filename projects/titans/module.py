@@ -36,14 +36,19 @@ class TitansLitModule(PaperModule):
     seq_len: tokens per sample (for the FLOP count).
     bytes_per_token: converts nats per token into bits per byte (1 for bytes; None: no bpb, e.g. token files).
     optimizer, scheduler: see `shared.lit.optim`.
+    cuda_graph: capture the model's training forward and backward as CUDA graphs at the first step and replay
+        them (one GPU, fixed batch shape). The memory's chunk loop is hundreds of small kernels whose launches, not
+        their work, bound an eager step; evaluation stays eager.
     """
 
     def __init__(self, net: dict[str, Any], task: str = "lm", seq_len: int = 256, bytes_per_token: float | None = 1.0,
-                 optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None) -> None:
+                 optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
+                 cuda_graph: bool = False) -> None:
         super().__init__(optimizer or {"name": "adamw", "lr": 4e-4, "weight_decay": 0.1}, scheduler)
         self.save_hyperparameters()
         self.model = build_model(net)
         self.task, self.seq_len, self.bytes_per_token = task, seq_len, bytes_per_token
+        self.cuda_graph, self._graphed = cuda_graph, False
         self.metrics = torch.nn.ModuleDict({
             f"{split}_{name}": metric() for split in ("val", "test")
             for name, metric in (("loss", SumMetric), ("tokens", SumMetric), ("correct", SumMetric),
@@ -52,8 +57,19 @@ class TitansLitModule(PaperModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def on_train_start(self) -> None:
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ConfigError(f"model.cuda_graph=true needs a GPU; this run trains on {self.device.type}")
+        if self.cuda_graph and self.trainer.world_size > 1:
+            raise ConfigError("model.cuda_graph=true captures one GPU's step; use it without DDP")
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.cuda_graph and not self._graphed:
+            # captured under the precision plugin's autocast (weight-cast cache off), replayed under it; a module in
+            # eval mode runs its eager forward
+            self.model = torch.cuda.make_graphed_callables(self.model, (x,))
+            self._graphed = True
         loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
