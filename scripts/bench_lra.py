@@ -299,9 +299,10 @@ def probe_cnn_model(channels: int = 64) -> torch.nn.Module:
 
 
 def probe_cnn(data: dict[str, tasks.SequenceDataset], budget_s: float, device: torch.device, seed: int,
-              batch_size: int = 256) -> dict:
-    """Train the probe for `budget_s` seconds (whole epochs, the last one cut at the budget) and report the
-    validation and test accuracy (%) after every epoch and the test accuracy at the best validation epoch."""
+              batch_size: int = 256, max_epochs: int | None = None) -> dict:
+    """Train the probe for `budget_s` seconds or `max_epochs` epochs, whichever ends first (whole epochs, the last
+    one cut at the time budget), and report the validation and test accuracy (%) after every epoch and the test
+    accuracy at the best validation epoch."""
     torch.manual_seed(seed)
 
     def images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +328,7 @@ def probe_cnn(data: dict[str, tasks.SequenceDataset], budget_s: float, device: t
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(x_train))
     epochs, t0 = [], time.time()
-    while time.time() - t0 < budget_s:
+    while time.time() - t0 < budget_s and len(epochs) != max_epochs:
         order = torch.randperm(len(x_train), generator=generator).to(device)
         losses = []
         for start in range(0, len(x_train) - batch_size + 1, batch_size):
