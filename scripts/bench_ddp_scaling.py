@@ -69,7 +69,12 @@ class Runner:
                 *a.overrides, *extra]
         env = {**os.environ, **NO_MULTICAST, "WANDB_MODE": "disabled"}
         start = time.perf_counter()
-        result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+        try:
+            result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                                    timeout=self.args.run_timeout)
+        except subprocess.TimeoutExpired as e:
+            raise SystemExit(f"{run_id} ran past --run-timeout {self.args.run_timeout} s: {' '.join(argv)}\n"
+                             f"{(e.stdout or b'')[-3000:]!r}\n{(e.stderr or b'')[-3000:]!r}") from None
         self.walls[run_id] = self.walls.get(run_id, 0.0) + time.perf_counter() - start
         if result.returncode:
             raise SystemExit(f"{' '.join(argv)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -104,6 +109,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30, help="steps left out of the throughput median")
     parser.add_argument("--parts", default="scaling,correctness,resume,slurm")
     parser.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
+    parser.add_argument("--run-timeout", type=float, help="seconds one training run may take before the bench stops")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "outputs") + "/ddp")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
@@ -121,49 +127,55 @@ def main() -> None:
         out["device"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, torch {torch.__version__}"
     print(f"{args.project}: per-GPU batch {batch}, {args.steps} steps, {args.accelerator} ({out.get('device', '')})")
 
-    # the N-GPU run serves scaling, correctness, resume and slurm alike
-    many = runner.train(f"ddp{n}", n, batch)
-    curves = {f"{n}x{batch}": column(many, "train/loss")}
-    if "scaling" in parts:
-        throughput, mfu = {}, {}
-        for d in args.devices:
-            run = many if d == n else runner.train(f"scale{d}", d, batch)
-            throughput[d] = statistics.median(column(run, "perf/samples_per_s")[args.warmup:])
-            mfu[d] = statistics.median(column(run, "perf/mfu")[args.warmup:] or [float("nan")])
-        base = throughput[min(args.devices)] / min(args.devices)
-        out["throughput"], out["mfu"] = throughput, mfu
-        out["efficiency"] = {d: throughput[d] / (d * base) for d in args.devices}
-    if "correctness" in parts:
-        one = runner.train("one", 1, n * batch)
-        repeat = runner.train("one-repeat", 1, n * batch)
-        other_seed = runner.train("one-seed1", 1, n * batch, "seed=1")
-        curves.update({f"1x{n * batch}": column(one, "train/loss"), f"1x{n * batch} repeat": column(repeat, "train/loss"),
-                       f"1x{n * batch} seed 1": column(other_seed, "train/loss")})
-        a = curves[f"1x{n * batch}"]
-        out["loss_rel_diff"] = {f"{n} GPUs vs 1 GPU": rel_diff(a, curves[f"{n}x{batch}"]),
-                                "1 GPU repeat": rel_diff(a, curves[f"1x{n * batch} repeat"]),
-                                "1 GPU, seed 1": rel_diff(a, curves[f"1x{n * batch} seed 1"])}
-        val_key = "val/psnr" if args.project == "hat" else "val/loss"
-        out["final_" + val_key] = {name: column(run, val_key)[-1] for name, run in
-                                   [(f"{n} GPUs", many), ("1 GPU", one), ("1 GPU repeat", repeat),
-                                    ("1 GPU seed 1", other_seed)]}
-    if "resume" in parts:
-        first, second = args.steps // 3, 2 * args.steps // 3
-        runner.train("moved", n, batch, max_steps=first)
-        runner.train("moved", 1, n * batch, "ckpt_path=last", max_steps=second)
-        moved = runner.train("moved", n, batch, "ckpt_path=last")
-        curves[f"{n}->1->{n}"] = column(moved, "train/loss")
-        out["loss_rel_diff"] = {**out.get("loss_rel_diff", {}),
-                                f"{n}->1->{n} GPUs vs {n} GPUs": rel_diff(curves[f"{n}x{batch}"], curves[f"{n}->1->{n}"])}
-    if "slurm" in parts:
-        slurm = runner.train("slurm", n, batch, slurm=True)
-        tasks = sorted(p.name for p in (runner.log_dir / ".submitit").glob("*/*_log.out"))
-        curves["slurm preset"] = column(slurm, "train/loss")
-        out["slurm_tasks"] = len(tasks)
-        out["loss_rel_diff"] = {**out.get("loss_rel_diff", {}),
-                                f"slurm preset vs {n} GPUs": rel_diff(curves[f"{n}x{batch}"], curves["slurm preset"])}
-    out["curves"] = curves
-    out["wall_s"] = runner.walls
+    path = Path(os.environ.get("OUT", "outputs"), f"ddp_{args.project}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    curves: dict[str, list[float]] = {}
+    try:  # what was measured is kept when a later run fails or hangs
+        # the N-GPU run serves scaling, correctness, resume and slurm alike
+        many = runner.train(f"ddp{n}", n, batch)
+        curves[f"{n}x{batch}"] = column(many, "train/loss")
+        if "scaling" in parts:
+            throughput, mfu = {}, {}
+            for d in args.devices:
+                run = many if d == n else runner.train(f"scale{d}", d, batch)
+                throughput[d] = statistics.median(column(run, "perf/samples_per_s")[args.warmup:])
+                mfu[d] = statistics.median(column(run, "perf/mfu")[args.warmup:] or [float("nan")])
+            base = throughput[min(args.devices)] / min(args.devices)
+            out["throughput"], out["mfu"] = throughput, mfu
+            out["efficiency"] = {d: throughput[d] / (d * base) for d in args.devices}
+        if "correctness" in parts:
+            one = runner.train("one", 1, n * batch)
+            repeat = runner.train("one-repeat", 1, n * batch)
+            other_seed = runner.train("one-seed1", 1, n * batch, "seed=1")
+            curves.update({f"1x{n * batch}": column(one, "train/loss"),
+                           f"1x{n * batch} repeat": column(repeat, "train/loss"),
+                           f"1x{n * batch} seed 1": column(other_seed, "train/loss")})
+            a = curves[f"1x{n * batch}"]
+            out["loss_rel_diff"] = {f"{n} GPUs vs 1 GPU": rel_diff(a, curves[f"{n}x{batch}"]),
+                                    "1 GPU repeat": rel_diff(a, curves[f"1x{n * batch} repeat"]),
+                                    "1 GPU, seed 1": rel_diff(a, curves[f"1x{n * batch} seed 1"])}
+            val_key = "val/psnr" if args.project == "hat" else "val/loss"
+            out["final_" + val_key] = {name: column(run, val_key)[-1] for name, run in
+                                       [(f"{n} GPUs", many), ("1 GPU", one), ("1 GPU repeat", repeat),
+                                        ("1 GPU seed 1", other_seed)]}
+        if "resume" in parts:
+            first, second = args.steps // 3, 2 * args.steps // 3
+            runner.train("moved", n, batch, max_steps=first)
+            runner.train("moved", 1, n * batch, "ckpt_path=last", max_steps=second)
+            moved = runner.train("moved", n, batch, "ckpt_path=last")
+            curves[f"{n}->1->{n}"] = column(moved, "train/loss")
+            moved_diff = rel_diff(curves[f"{n}x{batch}"], curves[f"{n}->1->{n}"])
+            out["loss_rel_diff"] = {**out.get("loss_rel_diff", {}), f"{n}->1->{n} GPUs vs {n} GPUs": moved_diff}
+        if "slurm" in parts:
+            slurm = runner.train("slurm", n, batch, slurm=True)
+            tasks = sorted(p.name for p in (runner.log_dir / ".submitit").glob("*/*_log.out"))
+            curves["slurm preset"] = column(slurm, "train/loss")
+            out["slurm_tasks"] = len(tasks)
+            slurm_diff = rel_diff(curves[f"{n}x{batch}"], curves["slurm preset"])
+            out["loss_rel_diff"] = {**out.get("loss_rel_diff", {}), f"slurm preset vs {n} GPUs": slurm_diff}
+    finally:
+        out["curves"], out["wall_s"] = curves, runner.walls
+        path.write_text(json.dumps(out, indent=1))
 
     if "throughput" in out:
         print(f"\n{'GPUs':>4} {'samples/s':>12} {'efficiency':>10} {'MFU':>6}")
@@ -176,9 +188,6 @@ def main() -> None:
         print(f"{key[6:]} at step {args.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in out[key].items()))
     if "slurm_tasks" in out:
         print(f"SLURM preset: {out['slurm_tasks']} submitit tasks for trainer.devices={n}")
-    path = Path(os.environ.get("OUT", "outputs"), f"ddp_{args.project}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -162,3 +162,32 @@ def test_exact_match_accuracy_counts_whole_answers():
     m = module.metrics
     assert m["val_correct"].compute() / m["val_answers"].compute() == 0.75
     assert m["val_token_acc"].compute().item() == pytest.approx(11 / 12)
+
+
+def test_synthetic_tasks_test_at_each_of_test_lengths():
+    """data.test_lengths: one test loader per length, each length's metrics logged under its own name."""
+    import lightning.pytorch as pl
+
+    from projects.titans.data import TitansDataModule
+    from projects.titans.module import TitansLitModule
+
+    with pytest.raises(ConfigError, match="data.test_lengths"):
+        TitansDataModule(task="lm", test_lengths=[256, 512])
+    dm = TitansDataModule(task="niah", seq_len=256, batch_size=2, val_samples=2, test_lengths=[256, 512])
+    dm.setup("test")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    dm.trainer = trainer
+    shapes = [tuple(next(iter(loader))[0].shape) for loader in dm.test_dataloader()]
+    assert shapes == [(2, 255), (2, 511)]  # the model sees seq_len - 1 tokens
+
+    module = TitansLitModule(net=dict(name="transformer_pp_tiny", depth=1), task="niah", seq_len=256,
+                             test_lengths=[256, 512])
+    results = trainer.test(module, datamodule=dm, verbose=False)
+    merged = {k: v for result in results for k, v in result.items()}
+    assert {f"test/{m}_{n}" for m in ("loss", "acc", "token_acc") for n in (256, 512)} <= set(merged)
+    assert merged["test/loss_256"] != merged["test/loss_512"]  # different samples, not one loader twice
+
+    swapped = TitansLitModule(net=dict(name="transformer_pp_tiny", depth=1), task="niah", seq_len=256,
+                              test_lengths=[512, 256])
+    with pytest.raises(ConfigError, match="model.test_lengths"):
+        trainer.test(swapped, datamodule=dm, verbose=False)

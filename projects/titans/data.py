@@ -14,14 +14,15 @@ Training samples are drawn from each sample's own seed (exact resume); validatio
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from shared.data.lm import LMDataModule, corpus_text
-from shared.data.loading import SampleKey, sample_rng
+from shared.data.loading import SampleKey, make_loader, sample_rng
 from shared.data.synthetic.mqar import mqar_example
 from shared.data.synthetic.niah import niah_example, word_list
 from shared.lit.errors import ConfigError
@@ -55,15 +56,19 @@ class TitansDataModule(LMDataModule):
     train_samples: samples per training epoch (synthetic tasks: default 10,000).
     niah_task: "passkey" | "number" | "word".
     num_kv_pairs, power_a: MQAR's parameters.
+    test_lengths: NIAH / MQAR only: test at each of these lengths instead of `seq_len` (one test loader per length),
+        e.g. train at 256 bytes and find the needle at 256 .. 4,096.
     """
 
     def __init__(self, task: str = "lm", source: str = "embedded", root: str | None = None, dtype: str = "uint16",
                  corpus: str = "wikipedia", level: str = "byte", seq_len: int = 256, batch_size: int = 16,
                  train_samples: int | None = None, val_samples: int = 256, niah_task: str = "passkey",
                  num_kv_pairs: int = 32, vocab_size: int = 256, power_a: float = 0.01, num_workers: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, test_lengths: list[int] | None = None) -> None:
         if task not in TASKS:
             raise ConfigError(f"data.task must be one of {TASKS}, got '{task}'")
+        if test_lengths and task == "lm":
+            raise ConfigError("data.test_lengths serves the synthetic tasks (niah, mqar); task=lm tests at seq_len")
         if source == "real" and task != "lm":
             raise ConfigError("data.source=real reads nanoGPT token files, which serve task=lm only")
         super().__init__(source=source, root=root, dtype=dtype, corpus=corpus, level=level, vocab_size=vocab_size,
@@ -71,6 +76,7 @@ class TitansDataModule(LMDataModule):
                          num_workers=num_workers, seed=seed)
         self.task, self.val_samples, self.niah_task = task, val_samples, niah_task
         self.num_kv_pairs, self.power_a = num_kv_pairs, power_a
+        self.test_lengths = list(test_lengths) if test_lengths else None
 
     def setup(self, stage: str | None = None) -> None:
         if self.task == "lm":
@@ -80,13 +86,21 @@ class TitansDataModule(LMDataModule):
             text = corpus_text(self.corpus)
             words = word_list(text)
 
-            def make(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-                return niah_example(self.niah_task, self.seq_len, rng, text, words)
+            def make(rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+                return niah_example(self.niah_task, seq_len, rng, text, words)
         else:
 
-            def make(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-                return mqar_example(self.seq_len, self.num_kv_pairs, self.vocab_size, rng, self.power_a)
+            def make(rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+                return mqar_example(seq_len, self.num_kv_pairs, self.vocab_size, rng, self.power_a)
 
-        self.train_set = SyntheticTask(make, self.train_samples or 10_000, self.seed, train=True)
-        self.val_set = SyntheticTask(make, self.val_samples, self.seed + 1, train=False)
-        self.test_set = SyntheticTask(make, self.val_samples, self.seed + 2, train=False)
+        self.train_set = SyntheticTask(partial(make, seq_len=self.seq_len), self.train_samples or 10_000, self.seed,
+                                       train=True)
+        self.val_set = SyntheticTask(partial(make, seq_len=self.seq_len), self.val_samples, self.seed + 1, train=False)
+        self.test_sets = [SyntheticTask(partial(make, seq_len=length), self.val_samples, self.seed + 2, train=False)
+                          for length in self.test_lengths or [self.seq_len]]
+        self.test_set = self.test_sets[0]
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if not self.test_lengths:
+            return super().test_dataloader()
+        return [make_loader(test_set, self.batch_size, train=False, trainer=self.trainer) for test_set in self.test_sets]

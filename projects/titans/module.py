@@ -39,18 +39,22 @@ class TitansLitModule(PaperModule):
     cuda_graph: capture the model's training forward and backward as CUDA graphs at the first step and replay
         them (one GPU, fixed batch shape). The memory's chunk loop is hundreds of small kernels whose launches, not
         their work, bound an eager step; evaluation stays eager.
+    test_lengths: the data's `test_lengths` (one test loader per length); each length's metrics are logged as
+        `test/<metric>_<length>`, e.g. `test/acc_4096`.
     """
 
     def __init__(self, net: dict[str, Any], task: str = "lm", seq_len: int = 256, bytes_per_token: float | None = 1.0,
                  optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, test_lengths: list[int] | None = None) -> None:
         super().__init__(optimizer or {"name": "adamw", "lr": 4e-4, "weight_decay": 0.1}, scheduler)
         self.save_hyperparameters()
         self.model = build_model(net)
         self.task, self.seq_len, self.bytes_per_token = task, seq_len, bytes_per_token
         self.cuda_graph, self._graphed = cuda_graph, False
+        self.test_lengths = list(test_lengths) if test_lengths else None
+        self.test_splits = [f"test{length}" for length in self.test_lengths] if self.test_lengths else ["test"]
         self.metrics = torch.nn.ModuleDict({
-            f"{split}_{name}": metric() for split in ("val", "test")
+            f"{split}_{name}": metric() for split in ("val", *self.test_splits)
             for name, metric in (("loss", SumMetric), ("tokens", SumMetric), ("correct", SumMetric),
                                  ("answers", SumMetric), ("token_acc", MeanMetric))})
 
@@ -88,7 +92,7 @@ class TitansLitModule(PaperModule):
         m[f"{split}_correct"].update(((hit | ~target).all(-1) & target.any(-1)).sum())
         m[f"{split}_answers"].update(target.any(-1).sum())
 
-    def _log_epoch(self, split: str) -> None:
+    def _log_epoch(self, split: str, suffix: str = "") -> None:
         m = self.metrics
         loss = m[f"{split}_loss"].compute() / m[f"{split}_tokens"].compute().clamp(min=1)
         values = {"loss": loss, "token_acc": m[f"{split}_token_acc"].compute()}
@@ -98,7 +102,8 @@ class TitansLitModule(PaperModule):
                 values["bpb"] = loss / math.log(2) / self.bytes_per_token
         else:
             values["acc"] = m[f"{split}_correct"].compute() / m[f"{split}_answers"].compute().clamp(min=1)
-        self.log_dict({f"{split}/{k}": v for k, v in values.items()}, prog_bar=split == "val")
+        prefix = "test" if split.startswith("test") else split
+        self.log_dict({f"{prefix}/{k}{suffix}": v for k, v in values.items()}, prog_bar=split == "val")
         for name in ("loss", "tokens", "token_acc", "correct", "answers"):
             m[f"{split}_{name}"].reset()
 
@@ -108,11 +113,17 @@ class TitansLitModule(PaperModule):
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = self.test_splits[dataloader_idx]
+        if self.test_lengths and batch[0].shape[1] + 1 != self.test_lengths[dataloader_idx]:
+            raise ConfigError(f"test loader {dataloader_idx} has samples of {batch[0].shape[1] + 1} tokens, but "
+                              f"model.test_lengths[{dataloader_idx}] = {self.test_lengths[dataloader_idx]}: "
+                              "set model.test_lengths to data.test_lengths")
+        self._evaluate(batch, split)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        for split in self.test_splits:
+            self._log_epoch(split, suffix=split[4:] and f"_{split[4:]}")
 
     def tokens_in(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return int(batch[0].numel())
