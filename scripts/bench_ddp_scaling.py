@@ -10,6 +10,8 @@
   mean over ranks, so the two curves are the same function of the same data; they differ only by floating-point
   order. The tolerance comes from the same run: a repeat of the 1-GPU run (the GPU's own run-to-run spread) and
   the 1-GPU run with another seed (what a different training looks like). Validation, reduced over ranks, at the end.
+  In bf16 the one-batch and N-batch gradients round differently and an unstable early phase amplifies that within
+  a few steps (README, "Several GPUs"); `--precision 32-true` compares the curves without bf16 rounding.
 - resume: N GPUs for a third of the steps, 1 GPU (global batch) from that checkpoint to two thirds, N GPUs to the
   end (`ckpt_path=last` each time), against the uninterrupted N-GPU run.
 - slurm: the SLURM preset through submitit's local executor (`hydra/launcher=slurm_local trainer=ddp`,
@@ -60,8 +62,9 @@ class Runner:
             trainer = ["trainer=ddp" if gpu else "trainer=ddp_cpu", f"trainer.devices={devices}"]
         else:
             trainer = ["trainer=gpu" if gpu else "trainer=cpu"]
+        precision = a.precision or ("bf16-mixed" if gpu else "32-true")
         argv = [sys.executable, "train.py", *(["-m", "hydra/launcher=slurm_local"] if slurm else []),
-                f"project={a.project}", *trainer, f"trainer.precision={'bf16-mixed' if gpu else '32-true'}",
+                f"project={a.project}", *trainer, f"trainer.precision={precision}",
                 f"data.batch_size={batch}", f"trainer.max_steps={max_steps or a.steps}", "trainer.max_epochs=-1",
                 f"trainer.val_check_interval={a.steps}", "trainer.check_val_every_n_epoch=null",
                 "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "test=false", "logger=csv",
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30, help="steps left out of the throughput median")
     parser.add_argument("--parts", default="scaling,correctness,resume,slurm")
     parser.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
+    parser.add_argument("--precision", help="trainer.precision (default: bf16-mixed on GPUs, 32-true on CPUs); "
+                        "32-true on GPUs takes bf16 rounding out of the 1-vs-N-GPU curve comparison")
     parser.add_argument("--run-timeout", type=float, help="seconds one training run may take before the bench stops")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "outputs") + "/ddp")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")

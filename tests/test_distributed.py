@@ -3,6 +3,8 @@ validation metrics are reduced over ranks, and a checkpoint moves between 2 rank
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -96,3 +98,31 @@ def test_a_run_moves_from_two_ranks_to_one_and_back_inside_an_epoch(cli):
     ref, moved = losses(cli.outputs / "toy" / "ref"), losses(cli.outputs / "toy" / "moved")
     assert len(moved) == len(ref) == 30
     assert moved == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_bench_compares_curves_and_writes_its_json_when_a_run_hangs(tmp_path):
+    """scripts/bench_ddp_scaling.py on CPU ranks: 2 ranks match 1 process far closer than another seed does; a run
+    past --run-timeout stops the bench with an error naming it, and the JSON is still written."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, TEST_CONF
+
+    def bench(*args: str) -> tuple[subprocess.CompletedProcess, dict]:
+        argv = [sys.executable, "scripts/bench_ddp_scaling.py", "--project", "toy", "--accelerator", "cpu",
+                "--steps", "6", "--warmup", "1", *args, "--", f"hydra.searchpath=[file://{TEST_CONF}]"]
+        done = subprocess.run(argv, cwd=REPO, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True)
+        return done, json.loads((tmp_path / "ddp_toy.json").read_text())
+
+    done, out = bench("--parts", "correctness")
+    assert done.returncode == 0, done.stderr[-2000:]
+    diff = out["loss_rel_diff"]
+    assert diff["1 GPU repeat"]["max"] == 0.0
+    assert diff["2 GPUs vs 1 GPU"]["max"] < 1e-5 < 1e-2 < diff["1 GPU, seed 1"]["median"]
+    assert len(out["curves"]["2x8"]) == 6
+
+    done, out = bench("--parts", "correctness", "--run-timeout", "0.5", "--log-dir", str(tmp_path / "timeout"))
+    assert done.returncode != 0 and "--run-timeout" in done.stderr
+    assert out["curves"] == {} and out["wall_s"] == {}  # the first run timed out: nothing measured
