@@ -103,4 +103,4 @@ class TitansDataModule(LMDataModule):
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         if not self.test_lengths:
             return super().test_dataloader()
-        return [make_loader(test_set, self.batch_size, train=False, trainer=self.trainer) for test_set in self.test_sets]
+        return [make_loader(dataset, self.batch_size, train=False, trainer=self.trainer) for dataset in self.test_sets]

@@ -52,7 +52,8 @@ class TitansLitModule(PaperModule):
         self.task, self.seq_len, self.bytes_per_token = task, seq_len, bytes_per_token
         self.cuda_graph, self._graphed = cuda_graph, False
         self.test_lengths = list(test_lengths) if test_lengths else None
-        self.test_splits = [f"test{length}" for length in self.test_lengths] if self.test_lengths else ["test"]
+        # the metrics of each test loader, and the suffix of its logged names
+        self.test_splits = {f"test{n}": f"_{n}" for n in self.test_lengths} if self.test_lengths else {"test": ""}
         self.metrics = torch.nn.ModuleDict({
             f"{split}_{name}": metric() for split in ("val", *self.test_splits)
             for name, metric in (("loss", SumMetric), ("tokens", SumMetric), ("correct", SumMetric),
@@ -92,7 +93,8 @@ class TitansLitModule(PaperModule):
         m[f"{split}_correct"].update(((hit | ~target).all(-1) & target.any(-1)).sum())
         m[f"{split}_answers"].update(target.any(-1).sum())
 
-    def _log_epoch(self, split: str, suffix: str = "") -> None:
+    def _log_epoch(self, split: str, stage: str, suffix: str = "") -> None:
+        """Logs the metrics of `split` as `<stage>/<metric><suffix>` and resets them."""
         m = self.metrics
         loss = m[f"{split}_loss"].compute() / m[f"{split}_tokens"].compute().clamp(min=1)
         values = {"loss": loss, "token_acc": m[f"{split}_token_acc"].compute()}
@@ -102,8 +104,7 @@ class TitansLitModule(PaperModule):
                 values["bpb"] = loss / math.log(2) / self.bytes_per_token
         else:
             values["acc"] = m[f"{split}_correct"].compute() / m[f"{split}_answers"].compute().clamp(min=1)
-        prefix = "test" if split.startswith("test") else split
-        self.log_dict({f"{prefix}/{k}{suffix}": v for k, v in values.items()}, prog_bar=split == "val")
+        self.log_dict({f"{stage}/{k}{suffix}": v for k, v in values.items()}, prog_bar=stage == "val")
         for name in ("loss", "tokens", "token_acc", "correct", "answers"):
             m[f"{split}_{name}"].reset()
 
@@ -111,10 +112,10 @@ class TitansLitModule(PaperModule):
         self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
+        self._log_epoch("val", "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        split = self.test_splits[dataloader_idx]
+        split = list(self.test_splits)[dataloader_idx]
         if self.test_lengths and batch[0].shape[1] + 1 != self.test_lengths[dataloader_idx]:
             raise ConfigError(f"test loader {dataloader_idx} has samples of {batch[0].shape[1] + 1} tokens, but "
                               f"model.test_lengths[{dataloader_idx}] = {self.test_lengths[dataloader_idx]}: "
@@ -122,8 +123,8 @@ class TitansLitModule(PaperModule):
         self._evaluate(batch, split)
 
     def on_test_epoch_end(self) -> None:
-        for split in self.test_splits:
-            self._log_epoch(split, suffix=split[4:] and f"_{split[4:]}")
+        for split, suffix in self.test_splits.items():
+            self._log_epoch(split, "test", suffix)
 
     def tokens_in(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return int(batch[0].numel())
