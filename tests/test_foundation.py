@@ -132,6 +132,7 @@ def test_a_run_stopped_by_max_steps_mid_epoch_extends_like_the_uninterrupted_run
     cli(*TOY, *steady, "run_id=extended", "trainer.max_steps=30", "ckpt_path=last")
     full = read_metrics(cli.outputs / "toy" / "full")
     extended = read_metrics(cli.outputs / "toy" / "extended")
+
     def epochs(rows: list[dict]) -> list[int]:
         return [int(r["epoch"]) for r in rows if r.get("train/loss")]
 
