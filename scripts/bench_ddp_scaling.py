@@ -79,12 +79,17 @@ class Runner:
                                     timeout=self.args.run_timeout)
         except subprocess.TimeoutExpired as e:
             raise SystemExit(f"{run_id} ran past --run-timeout {self.args.run_timeout} s: {' '.join(argv)}\n"
-                             f"{(e.stdout or b'')[-3000:]!r}\n{(e.stderr or b'')[-3000:]!r}") from None
+                             f"{tail(e.stdout)}\n{tail(e.stderr)}") from None
         self.walls[run_id] = self.walls.get(run_id, 0.0) + time.perf_counter() - start
         if result.returncode:
-            raise SystemExit(f"{' '.join(argv)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise SystemExit(f"{' '.join(argv)}\n{tail(result.stdout)}\n{tail(result.stderr)}")
         print(f"  {run_id}: {devices} device(s) x batch {batch}, {self.walls[run_id]:.0f} s", flush=True)
         return self.log_dir / a.project / run_id
+
+
+def tail(output: str | bytes | None) -> str:
+    """The end of a run's captured output (a timed-out run's comes back as bytes, whatever `text` says)."""
+    return (output.decode(errors="replace") if isinstance(output, bytes) else output or "")[-3000:]
 
 
 def column(run_dir: Path, key: str) -> list[float]:
