@@ -34,6 +34,9 @@ FINGERPRINTS = {
     "image_transformer": 248_458,
     "pathfinder32_transformer": 26_530,
 }
+# Not a paper config: the softmax baseline of the Nystromformer LRA code (lra_config.py), counted by hand from its
+# shapes less its q/k/v biases (384) and the 256 unused ids of its 512-id vocabulary (16,384): 173,826 there.
+NYSTROMFORMER_PATHFINDER = 173_826 - 384 - 256 * 64
 
 
 def count(name: str, **kwargs) -> int:
@@ -52,6 +55,32 @@ def test_variants_keep_the_count_except_linformer_projection():
         assert count("listops_transformer", attention={"name": variant}) == FINGERPRINTS["listops_transformer"]
     # one (max_len + CLS) x k projection per layer
     assert count("listops_transformer", attention={"name": "linformer", "k": 16}) == 8_948_746 + 4 * 2001 * 16
+
+
+def test_nystromformer_pathfinder_config_counts_and_initialises_as_its_code():
+    assert count("pathfinder32_transformer_nystromformer") == NYSTROMFORMER_PATHFINDER == 157_058
+    torch.manual_seed(0)
+    model = lra_model.create_model("pathfinder32_transformer_nystromformer")
+    assert model.encoder.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert lra_model.create_model("pathfinder32_transformer").encoder.embed.weight.std().item() == pytest.approx(
+        1.0, rel=0.05)
+
+
+def test_zero_padding_outputs_pools_the_unmasked_tokens_only():
+    """With `zero_padding_outputs` the encodings at padding (black-pixel) positions are zero, so MEAN pooling is the
+    sum over the unmasked tokens divided by the full length; without it they count like any other position."""
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=17, emb_dim=16, num_heads=2, num_layers=1, qkv_dim=16, mlp_dim=32, max_len=12,
+                  dropout=0.0, attn_dropout=0.0)
+    tokens = torch.tensor([[3, 0, 5, 0, 0, 7, 1, 0, 2, 9, 0, 4]])
+    zeroed = lra_model.TransformerEncoder(**kwargs, zero_padding_outputs=True).eval()
+    plain = lra_model.TransformerEncoder(**kwargs).eval()
+    plain.load_state_dict(zeroed.state_dict())
+    z, p = zeroed(tokens)[0], plain(tokens)[0]  # (12, 16)
+    pad = tokens[0] == 0
+    assert z[pad].abs().max() == 0 and p[pad].abs().min() > 0
+    torch.testing.assert_close(z[~pad], p[~pad])
+    torch.testing.assert_close(z.mean(0), p[~pad].sum(0) / 12)
 
 
 def test_retrieval_nli_head_is_wider():
@@ -472,6 +501,36 @@ def test_bench_resume_continues_a_stopped_run_exactly(tmp_path, monkeypatch, cap
     assert not first and (tmp_path / "first" / "listops_state.pt").is_file()
     rest = run("rest", "--minutes", "5", "--resume", str(tmp_path / "first" / "listops_state.pt"))
     assert set(whole) == {2, 4, 6} and rest[4] == whole[4] and rest[6] == whole[6], (whole, rest)
+
+
+def test_bench_warm_start_loads_the_saved_weights_of_the_same_model_only(tmp_path, monkeypatch, capsys, load_script):
+    """`--init-weights` (the easy-to-hard warm start of the Pathfinder runs) starts from a saved run's weights with a
+    fresh optimiser: its losses are those of the saved weights, not of a new initialisation of the same seed;
+    weights of another model are refused by name."""
+    import re
+
+    bench = load_script("bench_lra")
+    monkeypatch.setenv("FORMERLAB_CACHE", str(tmp_path / "cache"))
+
+    def run(out: str, *extra: str) -> list[str]:
+        monkeypatch.setenv("OUT", str(tmp_path / out))
+        monkeypatch.setattr("sys.argv", ["bench", "--train", "pathfinder32", "--recipe", "nystromformer", "--quick",
+                                         "--workers", "1", *extra])  # --quick logs the mean loss every 2 steps
+        bench.main()
+        return re.findall(r"step \d+/\d+ loss (\S+)", capsys.readouterr().out)
+
+    run("easy", "--difficulty", "curv_baseline", "--steps", "3", "--minutes", "1e-9")  # stops after step 1
+    saved = torch.load(tmp_path / "easy" / "pathfinder32_state.pt", weights_only=True)
+    assert saved["model"] == "pathfinder32_transformer_nystromformer" and saved["step"] == 1
+    fresh = run("fresh", "--steps", "2", "--minutes", "5", "--seed", "1")
+    warm = run("warm", "--steps", "2", "--minutes", "5", "--seed", "1",
+               "--init-weights", str(tmp_path / "easy" / "pathfinder32_state.pt"))
+    assert len(fresh) == len(warm) == 1 and fresh != warm
+    monkeypatch.setattr("sys.argv", ["bench", "--train", "pathfinder32", "--quick", "--workers", "1",
+                                     "--init-weights", str(tmp_path / "easy" / "pathfinder32_state.pt")])
+    with pytest.raises(SystemExit, match="weights of pathfinder32_transformer_nystromformer, this run trains "
+                                         "pathfinder32_transformer"):
+        bench.main()
 
 
 @pytest.mark.slow
