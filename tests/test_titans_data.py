@@ -191,3 +191,79 @@ def test_synthetic_tasks_test_at_each_of_test_lengths():
                               test_lengths=[512, 256])
     with pytest.raises(ConfigError, match="model.test_lengths"):
         trainer.test(swapped, datamodule=dm, verbose=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/titans_niah_reach.py: which needles a model finds beyond the reach of its attention
+
+
+def test_attention_reach_of_each_architecture(load_script):
+    """MAG / MAL: L windows of w keys reach L (w - 1) tokens back; MAC: never across a segment boundary; LMM: no
+    attention; Transformer++: everything earlier."""
+    from projects.titans.model import MODELS
+
+    reach = load_script("titans_niah_reach")
+    with torch.device("meta"):
+        mag, mal, mac = (MODELS[f"titans_{v}_tiny"]() for v in ("mag", "mal", "mac"))
+        lmm, transformer = MODELS["titans_lmm_tiny"](), MODELS["transformer_pp_tiny"]()
+    for model in (mag, mal):  # tiny: 2 blocks, window 128
+        assert reach.attention_sees(model, 0, 254) and not reach.attention_sees(model, 0, 255)
+    assert reach.attention_sees(mac, 0, 127) and not reach.attention_sees(mac, 127, 128)  # segments of 128
+    assert reach.attention_sees(mac, 128, 255) and not reach.attention_sees(mac, 100, 300)
+    assert reach.attention_sees(lmm, 7, 7) and not reach.attention_sees(lmm, 6, 7)
+    assert reach.attention_sees(transformer, 0, 4000)
+
+
+def test_needle_is_located_once_in_the_context(load_script):
+    from shared.data.synthetic.niah import NOISE, niah_sample, word_list
+
+    reach = load_script("titans_niah_reach")
+    tokens, answer_start, n = niah_sample("passkey", 512, np.random.default_rng(3), "", word_list(NOISE, min_count=1))
+    value = tokens[answer_start:answer_start + n].tobytes()
+    start = reach.needle_value_start(tokens, answer_start, value)
+    assert tokens[start:start + n].tobytes() == value and start < answer_start - 100
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        reach.needle_value_start(tokens, answer_start, b"0000000")
+
+
+def test_reach_table_splits_the_run_samples_and_counts_an_oracle_right(tmp_path, load_script):
+    """End to end on a run directory (config.yaml + checkpoint) of a random tiny MAG: every 256-byte needle is within
+    the reach (254 tokens), most 1,024-byte ones are beyond it; with the model's outputs replaced by the answers the
+    accuracy is 1 on both sides, and the run's own test samples are the ones analysed."""
+    import yaml
+
+    from projects.titans.model import MODELS
+
+    reach = load_script("titans_niah_reach")
+    torch.manual_seed(0)
+    model = MODELS["titans_mag_tiny"]()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "checkpoints" / "last.ckpt")
+    data = {"_target_": "projects.titans.data.TitansDataModule", "task": "niah", "niah_task": "passkey",
+            "seq_len": 256, "batch_size": 2, "val_samples": 6, "test_lengths": [256, 1024], "seed": 5}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"net": {"name": "titans_mag_tiny"}},
+                                                          "data": data}))
+    rows = reach.main([str(tmp_path), "--samples", "4"])
+    assert [(r["length"], r["samples"]) for r in rows] == [(256, 4), (1024, 4)]
+    assert rows[0]["within_reach"] == 4 and rows[0]["beyond_reach"] == 0
+    assert rows[1]["beyond_reach"] >= 3 and rows[1]["median_distance"] > 254
+
+    loaded, dm, _ = reach.load_run(tmp_path, None)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    answers = {}
+    for dataset in dm.test_sets:
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            answers[tuple(x.tolist())] = y
+
+    def oracle(x: torch.Tensor) -> torch.Tensor:  # logits whose argmax is the target wherever there is one
+        y = torch.stack([answers[tuple(row.tolist())] for row in x])
+        return torch.nn.functional.one_hot(y.clamp(min=0), 256).float()
+
+    loaded.forward = oracle
+    for row in reach.reach_table(loaded, dm, [256, 1024], samples=6):
+        assert row["accuracy"] == 1.0 and row["samples"] == 6
+        assert row["accuracy_beyond"] in (None, 1.0) and row["accuracy_within"] in (None, 1.0)
+    with pytest.raises(SystemExit, match="config.yaml: not found"):
+        reach.main([str(tmp_path / "missing")])
