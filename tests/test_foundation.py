@@ -178,6 +178,32 @@ def test_checkpoint_of_another_model_is_one_clear_error(cli):
     assert f"{other} does not fit this toy model" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
+def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(cli):
+    """init_from=<checkpoint>: the run starts from those weights (at lr 0 it ends with them unchanged) at step 0;
+    a checkpoint of another model, or no file, is one clear error; a resumed run ignores it."""
+    cli(*TOY, "run_id=first", "trainer.max_epochs=1")
+    first = cli.outputs / "toy" / "first" / "checkpoints" / "last.ckpt"
+    frozen = ["model.optimizer.lr=0", "model.optimizer.weight_decay=0", "trainer.max_epochs=1", "test=false"]
+    cli(*TOY, "run_id=warm", f"init_from={first}", *frozen)
+    a = torch.load(first, weights_only=True)
+    b = torch.load(cli.outputs / "toy" / "warm" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 16  # the warm run counted its own steps from 0
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    cli(*TOY, "run_id=cold", *frozen)  # the same run without init_from keeps its own initialisation
+    c = torch.load(cli.outputs / "toy" / "cold" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(not torch.equal(v, c["state_dict"][k]) for k, v in a["state_dict"].items())
+
+    result = cli(*TOY, "run_id=wide", "model.hidden=16", f"init_from={first}", check=False)
+    assert result.returncode == 1 and f"init_from={first} does not fit this toy model" in result.stdout + result.stderr
+    result = cli(*TOY, "run_id=none", "init_from=missing.ckpt", check=False)
+    assert result.returncode == 1 and "init_from=missing.ckpt: no such file" in result.stdout + result.stderr
+    result = cli(*TOY, "run_id=warm", f"init_from={first}", "ckpt_path=last", *frozen[:2], "trainer.max_epochs=2",
+                 "test=false")
+    assert "is not used" in result.stdout + result.stderr
+
+
 # ---------------------------------------------------------------- distributed, sweeps, clusters, logging
 
 

@@ -73,6 +73,10 @@ def _run(cfg: DictConfig) -> float | None:
         lg.log_hyperparams({**config, "git": git_state()})
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    if cfg.get("init_from") and ckpt_path is None:
+        warm_start(module, cfg.init_from, cfg.project.name)
+    elif cfg.get("init_from"):
+        log.info(f"resuming from {ckpt_path}: init_from={cfg.init_from} is not used")
     _check_test_ckpt(cfg.get("test_ckpt"), trainer)
     with checkpoint_errors(ckpt_path, cfg.project.name):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -128,6 +132,25 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
     return ckpt_path
+
+
+def warm_start(module: pl.LightningModule, path: str, project: str) -> None:
+    """`init_from`: load the weights of a Lightning checkpoint of this project into `module` (strictly), leaving the
+    optimiser, schedule and step count to start afresh."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"init_from={path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle with arbitrary objects, a truncated file, ...
+        raise CheckpointError(f"init_from={path}: cannot be read as a weights-only checkpoint ({exc})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"init_from={path}: not a checkpoint of train.py (it has no state_dict)")
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines() if "keys" in line or "size" in line), str(err))
+        raise CheckpointError(f"init_from={path} does not fit this {project} model ({first[:300]})") from None
+    log.info(f"weights from {path} (step {checkpoint.get('global_step', '?')}); optimiser and schedule start afresh")
 
 
 class checkpoint_errors:
