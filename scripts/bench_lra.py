@@ -443,10 +443,10 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     tiny = dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, max_len=2000)
     kwargs = {**(tiny if args.quick and args.train == "listops" else {}), **json.loads(args.model_kwargs)}
     model = create_model(model_name, **kwargs).to(device)
-    if args.init_weights:  # a warm start (e.g. from the easy level), with a fresh optimiser and schedule
-        start_state = torch.load(args.init_weights, map_location=device, weights_only=True)
+    if args.init_from:  # a warm start (e.g. from the easy level), with a fresh optimiser and schedule
+        start_state = torch.load(args.init_from, map_location=device, weights_only=True)
         if start_state["model"] != model_name:
-            raise SystemExit(f"--init-weights {args.init_weights}: weights of {start_state['model']}, this run "
+            raise SystemExit(f"--init-from {args.init_from}: weights of {start_state['model']}, this run "
                              f"trains {model_name}")
         model.load_state_dict(start_state["weights"])
     if args.compile:
@@ -627,7 +627,7 @@ def main() -> None:
     parser.add_argument("--recipe", choices=["paper", "nystromformer"], default="paper",
                         help="Pathfinder-32: the paper's released config, or the softmax baseline of the Nystromformer "
                              "LRA code (2 x 64 wide, lr 1e-4, batch 256, 62,500 steps; see the project README)")
-    parser.add_argument("--init-weights", default="",
+    parser.add_argument("--init-from", default="",
                         help="start from the weights of a saved $OUT/<task>_state.pt (fresh optimiser and schedule)")
     parser.add_argument("--probe-cnn", action="store_true",
                         help="with --train pathfinder32: train a small CNN on the same data (is it learnable?)")

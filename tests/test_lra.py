@@ -504,7 +504,7 @@ def test_bench_resume_continues_a_stopped_run_exactly(tmp_path, monkeypatch, cap
 
 
 def test_bench_warm_start_loads_the_saved_weights_of_the_same_model_only(tmp_path, monkeypatch, capsys, load_script):
-    """`--init-weights` (the easy-to-hard warm start of the Pathfinder runs) starts from a saved run's weights with a
+    """`--init-from` (the easy-to-hard warm start of the Pathfinder runs) starts from a saved run's weights with a
     fresh optimiser: its losses are those of the saved weights, not of a new initialisation of the same seed;
     weights of another model are refused by name."""
     import re
@@ -524,10 +524,10 @@ def test_bench_warm_start_loads_the_saved_weights_of_the_same_model_only(tmp_pat
     assert saved["model"] == "pathfinder32_transformer_nystromformer" and saved["step"] == 1
     fresh = run("fresh", "--steps", "2", "--minutes", "5", "--seed", "1")
     warm = run("warm", "--steps", "2", "--minutes", "5", "--seed", "1",
-               "--init-weights", str(tmp_path / "easy" / "pathfinder32_state.pt"))
+               "--init-from", str(tmp_path / "easy" / "pathfinder32_state.pt"))
     assert len(fresh) == len(warm) == 1 and fresh != warm
     monkeypatch.setattr("sys.argv", ["bench", "--train", "pathfinder32", "--quick", "--workers", "1",
-                                     "--init-weights", str(tmp_path / "easy" / "pathfinder32_state.pt")])
+                                     "--init-from", str(tmp_path / "easy" / "pathfinder32_state.pt")])
     with pytest.raises(SystemExit, match="weights of pathfinder32_transformer_nystromformer, this run trains "
                                          "pathfinder32_transformer"):
         bench.main()
