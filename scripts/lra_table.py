@@ -7,7 +7,9 @@
 A run is a directory with the `results.json` that `projects.lra.module.LRAModule` writes after testing (task,
 attention, test/accuracy), or, for runs without it, a `config.yaml` and a CSV log (`csv/metrics.csv`) whose last
 `test/accuracy` is taken. Rows are attention variants (the paper's name where the paper has the model; any new
-variant of `shared/blocks/attention` appears as a new row), columns the tasks; a cell reads `ours (paper)`.
+variant of `shared/blocks/attention` appears as a new row), columns the tasks; a cell reads `ours (paper)`. A run
+of a model other than the task's paper configuration (`<task>_transformer`, e.g. the laptop `listops_tiny` or
+`pathfinder32_transformer_nystromformer`) gets its own row, `<variant> [<arch>]`, without paper numbers.
 When a (variant, task) has several runs, the newest counts. Avg is over the five tasks without Path-X, as in
 the paper, and only when all five are present.
 """
@@ -42,23 +44,30 @@ PAPER = {
 }
 
 
+def row_key(attention: str, task: str, arch: str | None) -> str:
+    """The table row of a run: its attention variant, with the model named when it is not the paper's."""
+    return attention if arch in (None, f"{task}_transformer") else f"{attention} [{arch}]"
+
+
 def read_run(folder: Path) -> dict | None:
-    """{task, attention, accuracy, time} of one run directory, or None when it has no test result."""
+    """{task, variant, accuracy, time} of one run directory, or None when it has no test result."""
     results = folder / "results.json"
     if results.is_file():
         data = json.loads(results.read_text())
         if "test/accuracy" in data:
-            return {"task": data["task"], "attention": data.get("attention", "softmax"),
+            return {"task": data["task"],
+                    "variant": row_key(data.get("attention", "softmax"), data["task"], data.get("arch")),
                     "accuracy": 100 * float(data["test/accuracy"]), "time": results.stat().st_mtime}
     config, metrics = folder / "config.yaml", folder / "csv" / "metrics.csv"
     if config.is_file() and metrics.is_file():
         cfg = yaml.safe_load(config.read_text()) or {}
         values = [row["test/accuracy"] for row in csv.DictReader(metrics.open()) if row.get("test/accuracy")]
-        task = (cfg.get("model") or {}).get("task")
+        model = cfg.get("model") or {}
+        task = model.get("task")
         if values and task:
             attention = (cfg.get("attention") or {}).get("name", "softmax")
-            return {"task": task, "attention": attention, "accuracy": 100 * float(values[-1]),
-                    "time": metrics.stat().st_mtime}
+            return {"task": task, "variant": row_key(attention, task, model.get("arch")),
+                    "accuracy": 100 * float(values[-1]), "time": metrics.stat().st_mtime}
     return None
 
 
@@ -71,12 +80,12 @@ def collect(roots: list[Path]) -> dict[str, dict[str, float]]:
             run = read_run(folder)
             if run is None or run["task"] not in COLUMNS:
                 continue
-            key = (run["attention"], run["task"])
+            key = (run["variant"], run["task"])
             if key not in newest or run["time"] > newest[key]["time"]:
                 newest[key] = run
     table: dict[str, dict[str, float]] = {}
-    for (attention, task), run in newest.items():
-        table.setdefault(attention, {})[task] = run["accuracy"]
+    for (variant, task), run in newest.items():
+        table.setdefault(variant, {})[task] = run["accuracy"]
     return table
 
 

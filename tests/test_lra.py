@@ -446,15 +446,21 @@ def test_listops_recipe_trains_its_padded_batches_without_cudnn_attention(monkey
 
 
 def test_lra_table_collects_runs(tmp_path):
-    runs = [("listops", "softmax", 0.3712), ("pathfinder32", "performer", 0.7)]
-    for i, (task, attention, accuracy) in enumerate(runs):
+    """Paper-config runs fill the paper's rows; a run of another model (here the Nystromformer-code Pathfinder
+    model) is its own row, never a cell of the Transformer row."""
+    runs = [("listops", "softmax", "listops_transformer", 0.3712), ("pathfinder32", "performer", None, 0.7),
+            ("pathfinder32", "softmax", "pathfinder32_transformer_nystromformer", 0.6)]
+    for i, (task, attention, arch, accuracy) in enumerate(runs):
         run = tmp_path / "lra" / f"run{i}"
         run.mkdir(parents=True)
-        (run / "results.json").write_text(json.dumps({"task": task, "attention": attention, "test/accuracy": accuracy}))
+        (run / "results.json").write_text(json.dumps({"task": task, "attention": attention, "arch": arch,
+                                                      "test/accuracy": accuracy}))
     out = subprocess.run([sys.executable, str(REPO / "scripts/lra_table.py"), str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout
     transformer = next(line for line in out.splitlines() if line.startswith("| Transformer"))
-    assert "37.12" in transformer and "36.37" in transformer
+    assert "37.12" in transformer and "36.37" in transformer and "60.00" not in transformer
+    other = next(line for line in out.splitlines() if line.startswith("| softmax [pathfinder32_transformer_nys"))
+    assert "60.00" in other and "71.40" not in other
     performer = next(line for line in out.splitlines() if line.startswith("| Performer"))
     assert "70.00" in performer and "77.05" in performer
 
