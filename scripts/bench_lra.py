@@ -445,9 +445,10 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     model = create_model(model_name, **kwargs).to(device)
     if args.init_from:  # a warm start (e.g. from the easy level), with a fresh optimiser and schedule
         start_state = torch.load(args.init_from, map_location=device, weights_only=True)
-        if start_state["model"] != model_name:
-            raise SystemExit(f"--init-from {args.init_from}: weights of {start_state['model']}, this run "
-                             f"trains {model_name}")
+        if not isinstance(start_state, dict) or start_state.get("model") != model_name:
+            saved = start_state.get("model") if isinstance(start_state, dict) else None
+            raise SystemExit(f"--init-from {args.init_from}: weights of {saved or 'no model of this bench'}, this "
+                             f"run trains {model_name}")
         model.load_state_dict(start_state["weights"])
     if args.compile:
         model.compile()  # in place: the state-dict keys stay those of the eager model, so --resume works across both

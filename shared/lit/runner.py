@@ -145,11 +145,8 @@ def warm_start(module: pl.LightningModule, path: str, project: str) -> None:
         raise CheckpointError(f"init_from={path}: cannot be read as a weights-only checkpoint ({exc})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"init_from={path}: not a checkpoint of train.py (it has no state_dict)")
-    try:
+    with checkpoint_errors(f"init_from={path}", project):
         module.load_state_dict(checkpoint["state_dict"], strict=True)
-    except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines() if "keys" in line or "size" in line), str(err))
-        raise CheckpointError(f"init_from={path} does not fit this {project} model ({first[:300]})") from None
     log.info(f"weights from {path} (step {checkpoint.get('global_step', '?')}); optimiser and schedule start afresh")
 
 
