@@ -204,6 +204,21 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(cli):
     assert "is not used" in result.stdout + result.stderr
 
 
+def test_init_from_refuses_a_file_that_is_not_a_train_checkpoint(tmp_path):
+    from shared.lit.errors import CheckpointError
+    from shared.lit.runner import warm_start
+    from tests.toyproject.module import ToyModule
+
+    module = ToyModule(hidden=8, dropout=0.0, optimizer={"name": "adamw", "lr": 1e-3})
+    text, bare = tmp_path / "notes.txt", tmp_path / "bare.pt"
+    text.write_text("not a checkpoint")
+    torch.save(module.state_dict(), bare)  # a bare state_dict: no Lightning `state_dict` entry
+    with pytest.raises(CheckpointError, match=f"init_from={text}: cannot be read as a weights-only checkpoint"):
+        warm_start(module, str(text), "toy")
+    with pytest.raises(CheckpointError, match=f"init_from={bare}: not a checkpoint of train.py"):
+        warm_start(module, str(bare), "toy")
+
+
 # ---------------------------------------------------------------- distributed, sweeps, clusters, logging
 
 
