@@ -16,6 +16,9 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
   chunk       the memory update alone (forward + backward): the token loop (the recurrence, b = 1) against the
               parallel chunked update (dual form eager and compiled, materialised form) at b = 64, and the loop at
               b = 64 (same math).
+  scan        the memory's chunk scan without gradient (evaluation): the fused Triton kernel of
+              `shared/kernels/memory_scan` against the PyTorch reference loop, at the `tiny` and `small` memory
+              shapes: max relative difference of every output (float32 and bf16 autocast) and milliseconds.
   attention   FlexAttention (compiled) against the SDPA dense-mask path on the GPU, sliding window with prefix and
               MAC's segmented mask: max difference of outputs and gradients (the CPU tests compare the eager
               FlexAttention forward and a plain-math reference).
@@ -45,6 +48,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +65,8 @@ from shared.data.synthetic.niah import IGNORE, niah_batch, word_list  # noqa: E4
 from shared.lit.flops import peak_tflops  # noqa: E402
 
 VARIANTS = ("transformer", "lmm", "mac", "mag", "mal")
-PART_SHARE = {"lm": 0.28, "ablation": 0.2, "niah": 0.17, "throughput": 0.22, "chunk": 0.08, "attention": 0.05}
+PART_SHARE = {"lm": 0.28, "ablation": 0.2, "niah": 0.17, "throughput": 0.22, "chunk": 0.08, "scan": 0.05,
+              "attention": 0.05}
 ABLATIONS = {  # Table 5: (name, overrides of the LMM base, paper ppl at 400M / 15B)
     "LMM": ({}, 27.01),
     "Linear Memory": ({"memory": {"depth": 1}}, 28.49),
@@ -149,6 +154,18 @@ class Bench:
             torch.cuda.empty_cache()
 
     # -- helpers --
+
+    def milliseconds(self, fn: Callable[[], Any], iters: int) -> float:
+        """Median milliseconds of `fn()` over `iters` calls, after one warm-up call."""
+        times = []
+        for i in range(1 + iters):
+            self.sync()
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            if i:
+                times.append(time.perf_counter() - t)
+        return 1e3 * float(np.median(times))
 
     def model(self, variant: str, **overrides: Any) -> TitansLM:
         """A fresh model of the benchmark size, seeded, on the device (`memory` overrides merge key by key)."""
@@ -503,6 +520,62 @@ class Bench:
             print(f"T={t:6d} " + "  ".join(f"{k}: {v['seconds'] * 1e3:.1f} ms (x{loop / v['seconds']:.1f})"
                                           if "seconds" in v else f"{k}: {status(v)}" for k, v in r.items()))
         print_errors(self.results["chunk"])
+
+    def part_scan(self) -> None:
+        """The chunk scan alone, no gradient: Triton (`FORMERLAB_MEMORY_SCAN=triton`) against the reference loop."""
+        from shared.kernels.memory_scan import memory_scan_reference
+        from shared.kernels.memory_scan.triton_scan import memory_scan_triton
+
+        a = self.args
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            print("[scan] needs CUDA, or TRITON_INTERPRET=1 on the CPU (tests/test_memory_scan.py compares there)")
+            return
+        shapes = {"tiny": (32, 64, 32), "small": (64, 128, 64)}  # head_dim, memory hidden width, chunk b
+        bh = 4 if a.quick else 48
+        for t in a.chunk_lens:
+            for size, (d, dh, b) in shapes.items():
+                if self.out_of_time():
+                    self.record(("scan", t, size), SKIPPED)
+                    continue
+                try:
+                    g = torch.Generator(device=self.device).manual_seed(0)
+                    rand = functools.partial(torch.randn, generator=g, device=self.device)
+                    nc = t // b
+                    weights = (rand(bh, d, dh) / d ** 0.5, rand(bh, dh, d) / dh ** 0.5)
+                    momentum = tuple(0.1 * rand(*w.shape) for w in weights)
+                    k = F.normalize(rand(bh, nc, b, d), dim=-1)
+                    v, end = rand(bh, nc, b, d), -0.1 * rand(bh, nc, b, 2).abs()
+                    decay = 0.5 + 0.5 * torch.rand(bh, nc, 3, generator=g, device=self.device)
+                    row: dict[str, Any] = {}
+                    for dtype in (torch.float32, torch.bfloat16):
+                        args = (weights, momentum, k.to(dtype), v.to(dtype), end.to(dtype), decay)
+                        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                             enabled=dtype == torch.bfloat16):
+                            ref = memory_scan_reference(*args, act="silu", max_surprise_norm=1.0)
+                            fused = memory_scan_triton(*args, max_surprise_norm=1.0)
+                            err = max(float((x.float() - y.float()).abs().max() / y.float().abs().max())
+                                      for name in ref._fields for x, y in zip(getattr(fused, name), getattr(ref, name)))
+                            ms_ref = self.milliseconds(functools.partial(
+                                memory_scan_reference, *args, max_surprise_norm=1.0), a.iters)
+                            ms_fused = self.milliseconds(functools.partial(
+                                memory_scan_triton, *args, max_surprise_norm=1.0), a.iters)
+                        tag = "fp32" if dtype == torch.float32 else "bf16"
+                        row |= {f"{tag}_max_rel_err": err, f"{tag}_reference_ms": ms_ref, f"{tag}_triton_ms": ms_fused}
+                except Exception as exc:
+                    row = self.failure(exc)
+                    self.free()
+                self.record(("scan", t, size), row)
+        print(f"\nMemory chunk scan without gradient, {bh} memories, ms (Triton speed-up), max relative difference")
+        for t, r in self.results["scan"].items():
+            for size, v in r.items():
+                if "fp32_triton_ms" not in v:
+                    print(f"T={t:6d} {size}: {status(v)}")
+                    continue
+                print(f"T={t:6d} {size}: " + "  ".join(
+                    f"{tag} reference {v[f'{tag}_reference_ms']:.2f} / Triton {v[f'{tag}_triton_ms']:.2f} ms "
+                    f"(x{v[f'{tag}_reference_ms'] / v[f'{tag}_triton_ms']:.1f}), diff {v[f'{tag}_max_rel_err']:.1e}"
+                    for tag in ("fp32", "bf16")))
+        print_errors(self.results["scan"])
 
     def part_attention(self) -> None:
         """Compiled FlexAttention vs the SDPA dense-mask path (values and gradients), on the GPU only."""

@@ -33,7 +33,7 @@ definition live here and are tested against each other:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import NamedTuple
 
@@ -43,8 +43,9 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from shared.blocks.norms import RMSNorm
+from shared.kernels.memory_scan import memory_scan
+from shared.kernels.memory_scan.reference import ACTIVATIONS, act_derivative, dual_advance, surprise_scale
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.gelu}
 IMPLS = ("dual", "materialized", "reference")
 RETRIEVE = ("after", "before")
 
@@ -82,25 +83,8 @@ def associative_loss(weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str) 
     return (mlp_forward(weights, k, act) - v).pow(2).sum()
 
 
-def surprise_scale(sq_norm: Tensor, max_norm: float) -> Tensor:
-    """The factor min(1, max_norm / ||u_t||) that clips each token's momentary surprise u_t = grad l(M_{t'}; x_t),
-    given ||u_t||^2 summed over the memory's layers (any shape). Clamping the squared norm first keeps the
-    backward finite at u_t = 0."""
-    return max_norm * sq_norm.clamp_min(max_norm ** 2).rsqrt()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The definition: a loop over tokens.
-
-
-def _act_derivative(z: Tensor, act: str) -> Tensor:
-    """d act / dz, written out (the reference does not use autograd for the inner gradient)."""
-    if act == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if act == "gelu":
-        return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    raise ValueError(f"unknown memory activation {act!r}")
 
 
 def associative_grad(weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str) -> list[Tensor]:
@@ -116,7 +100,7 @@ def associative_grad(weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str) 
     for i in range(len(weights) - 1, -1, -1):
         grads.append(torch.einsum("nd,ne->nde", inputs[i], delta))  # outer(a_{l-1}, delta_l)
         if i:
-            delta = torch.einsum("ne,nde->nd", delta, weights[i]) * _act_derivative(pre[i - 1], act)
+            delta = torch.einsum("ne,nde->nd", delta, weights[i]) * act_derivative(pre[i - 1], act)
     return grads[::-1]
 
 
@@ -259,58 +243,6 @@ def memory_chunked_materialized(state: MemoryState, k: Tensor, v: Tensor, q: Ten
     return torch.cat(reads, dim=1), MemoryState(tuple(weights), tuple(momentum))
 
 
-def layer_factors(weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str) -> tuple[list[Tensor], list[Tensor]]:
-    """For B*H memories and the n tokens of a chunk at weights M_{t'}: the inputs a_{l-1} of every layer
-    (BH, n, d_l) and the gradients delta_l of (1/2) l (eq. 12) at every pre-activation (BH, n, d_{l+1}), so that
-    grad_{W_l} l(x_t) = 2 a_{l-1,t}^T delta_{l,t} (the 2 is left to the caller, which folds it into theta).
-
-    The backward pass of the memory MLP is written out (delta_L = M(k) - v, delta_l = (delta_{l+1} W_{l+1}^T)
-    act'(z_l)) with differentiable ops, so the outer loop trains through it; `memory_chunked_materialized` gets
-    the same gradients from `torch.func.grad` and the tests compare the two. Writing it out instead of calling
-    `torch.func.grad` keeps the sequential loop over chunks to a few large kernels (no functorch layers)."""
-    inputs, pre = [], []
-    x = k
-    for i, w in enumerate(weights):
-        inputs.append(x)
-        x = x @ w
-        if i < len(weights) - 1:
-            pre.append(x)
-            x = ACTIVATIONS[act](x)
-    deltas = [x - v]
-    for w, z in zip(weights[:0:-1], pre[::-1]):  # layers L..2: delta_{l-1} from delta_l
-        deltas.append((deltas[-1] @ w.transpose(-1, -2)) * _act_derivative(z, act))
-    return inputs, deltas[::-1]
-
-
-def dual_advance(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...], k: Tensor, v: Tensor, end: Tensor,
-                 decay: Tensor, act: str, max_surprise_norm: float | None = None,
-                 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], list[Tensor], list[Tensor]]:
-    """One chunk's end state from its start state (M_0, S_0): the only sequential work of the chunked update.
-
-        M_n = A_n M_0 + D_n S_0 - sum_j K[n, j] theta_j u_j,    S_n = E_n S_0 - sum_j L_E[n, j] theta_j u_j,
-    with u_j = 2 a_j^T delta_j per layer. k, v: (BH, n, d); end: (BH, n, 2), [j] = -2 theta_j (K[n, j], L_E[n, j]);
-    decay: (BH, 3) = (A_n, D_n, E_n). Returns the new weights and momenta and the chunk's factors (inputs, deltas);
-    with `max_surprise_norm` the deltas come back clipped, ||u_j|| = 2 (sum_l |a_lj|^2 |delta_lj|^2)^(1/2) per token.
-    """
-    inputs, deltas = layer_factors(weights, k, v, act)
-    if max_surprise_norm is not None:
-        acc = torch.promote_types(deltas[0].dtype, torch.float32)  # under bf16 autocast the norm is summed in float32
-        sq_norm = 4 * sum(a.to(acc).pow(2).sum(-1) * delta.to(acc).pow(2).sum(-1)
-                          for a, delta in zip(inputs, deltas))  # (BH, n)
-        scale = surprise_scale(sq_norm, max_surprise_norm)[..., None].to(deltas[0].dtype)
-        deltas = [delta * scale for delta in deltas]
-    a, d, e = (x[:, None, None] for x in decay.unbind(-1))  # (BH, 1, 1) each
-    new_w, new_s = [], []
-    for w0, s0, a_j, delta in zip(weights, momentum, inputs, deltas):
-        # Both sums in one matmul: a^T [delta * end_M | delta * end_S].
-        scaled = (delta[..., None, :] * end[..., None]).flatten(-2)  # (BH, n, 2 d_{l+1})
-        u_w, u_s = (a_j.transpose(-1, -2) @ scaled).unflatten(-1, (2, -1)).unbind(-2)  # (BH, d_l, d_{l+1}) each
-        # addcmul promotes to the state's float32 under bf16 autocast (the matmul's output is bf16).
-        new_w.append(torch.addcmul(torch.addcmul(u_w, d, s0), a, w0))
-        new_s.append(torch.addcmul(u_s, e, s0))
-    return tuple(new_w), tuple(new_s), inputs, deltas
-
-
 def dual_reads(h: Tensor, w0: Sequence[Tensor], s0: Sequence[Tensor], inputs: Sequence[Tensor],
                deltas: Sequence[Tensor], read_k: Tensor, read_a: Tensor, read_d: Tensor, act: str) -> Tensor:
     """The reads of every chunk at once, given each chunk's start state and factors (`memory_chunked_dual`).
@@ -323,11 +255,6 @@ def dual_reads(h: Tensor, w0: Sequence[Tensor], s0: Sequence[Tensor], inputs: Se
         z = torch.addcmul(torch.addcmul((read_k * (h @ a_j.transpose(-1, -2))) @ delta, read_d, h @ s), read_a, h @ w)
         h = ACTIVATIONS[act](z) if i < len(w0) - 1 else z
     return h
-
-
-def _stack_chunks(per_chunk: Iterable[Sequence[Tensor]]) -> list[Tensor]:
-    """Per-chunk lists of per-layer tensors (BH, ...) -> one tensor per layer (BH, n_chunks, ...)."""
-    return [torch.stack(layer, dim=1) for layer in zip(*per_chunk)]
 
 
 @cache
@@ -345,8 +272,9 @@ def memory_chunked_dual(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gat
     With u_j = 2 a_j^T delta_j per layer and M_i = A_i M_0 + D_i S_0 - sum_{j<=i} K[i, j] theta_j u_j
     (`ChunkCoefficients`), a read h_i M_i of the layer's input h_i is
         A_i (h_i M_0) + D_i (h_i S_0) - sum_j 2 K[i, j] theta_j (h_i . a_j) delta_j   (b x b matmuls, layer by layer).
-    Only the chunk-end states are sequential (`dual_advance`, a few matmuls per chunk); the coefficients before
-    the loop and the reads after it (`dual_reads`) are batched over all chunks.
+    Only the chunk-end states are sequential (`shared.kernels.memory_scan`: a few matmuls per chunk, fused into one
+    Triton kernel on a GPU when no gradient is needed); the coefficients before the scan and the reads after it
+    (`dual_reads`) are batched over all chunks.
     """
     advance, read = (_compiled(dual_advance), _compiled(dual_reads)) if compile_step else (dual_advance, dual_reads)
     weights, momentum = state
@@ -357,11 +285,8 @@ def memory_chunked_dual(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gat
         end = (torch.stack([c.k[..., -1, :], c.l_eta[..., -1, :]], dim=-1) * step[..., None]).to(k.dtype)
         decay = torch.stack([c.a[..., -1], c.d[..., -1], c.e[..., -1]], dim=-1)  # (BH, nc, 3): A_n, D_n, E_n
         k_c, v_c = chunked(k, sl, n), chunked(v, sl, n)  # (BH, nc, n, d)
-        starts, factors = [], []
-        for kc, vc, ec, dc in zip(k_c.unbind(1), v_c.unbind(1), end.unbind(1), decay.unbind(1)):
-            starts.append((weights, momentum))
-            weights, momentum, inputs, deltas = advance(weights, momentum, kc, vc, ec, dc, act, max_surprise_norm)
-            factors.append((inputs[1:], deltas))
+        scan = memory_scan(weights, momentum, k_c, v_c, end, decay, act, max_surprise_norm, advance)
+        weights, momentum = scan.weights, scan.momentum
         if retrieve == "after":
             read_k, read_a, read_d = c.k, c.a, c.d
         else:  # M_{i-1}: shift every coefficient down one token; M_{-1} of the chunk is M_0
@@ -370,9 +295,8 @@ def memory_chunked_dual(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gat
             read_d = F.pad(c.d, (1, 0))[..., :-1]
         h = chunked(q, sl, n)  # (BH, nc, n, d)
         dt = h.dtype
-        w0, s0 = _stack_chunks(w for w, _ in starts), _stack_chunks(s for _, s in starts)
-        inputs = [k_c] + _stack_chunks(i for i, _ in factors)  # layer 1's inputs are the keys themselves
-        h = read(h, w0, s0, inputs, _stack_chunks(d for _, d in factors), (read_k * step[..., None, :]).to(dt),
+        inputs = [k_c] + scan.inputs  # layer 1's inputs are the keys themselves
+        h = read(h, scan.w0, scan.s0, inputs, scan.deltas, (read_k * step[..., None, :]).to(dt),
                  read_a[..., None].to(dt), read_d[..., None].to(dt), act)
         reads.append(h.flatten(1, 2))  # (BH, nc * n, d_out)
     return torch.cat(reads, dim=1), MemoryState(weights, momentum)

@@ -42,7 +42,7 @@ def backend(device_type: str) -> str:
         return forced
     if device_type != "cuda":
         return "reference"
-    from shared.kernels.linear_attention.triton_chunk import triton_available
+    from shared.kernels.triton_common import triton_available
 
     return "triton" if triton_available() else "reference"
 

@@ -29,23 +29,17 @@ do ('highest', the default: exact IEEE products; 'high'/'medium': TF32). The sta
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
 
 from shared.kernels.linear_attention.reference import check_inputs
+from shared.kernels.triton_common import dot_options, interpreting, triton
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # the dispatcher falls back to the reference
-    triton = None
 
-
-def triton_available() -> bool:
-    """Triton is installed (kernels then run on CUDA, or on CPU under TRITON_INTERPRET=1)."""
-    return triton is not None
+    from shared.kernels.triton_common import dot as _dot
 
 
 MAX_HEAD_DIM = 128  # the (Dk, Dv) state of a program lives in registers
@@ -56,20 +50,7 @@ def supports(q: Tensor, v: Tensor) -> bool:
     return q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM and q.dtype == v.dtype
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 if triton is not None:
-
-    @triton.jit
-    def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """a @ b (+ acc) with float32 accumulation. UPCAST multiplies in float32: the interpreter's bf16 products
-        are wrong, and bf16 values are exact in float32, so this is what the tensor cores compute."""
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
     def _load_chunk(ptr, rows, n, offs_d, d: tl.constexpr):
@@ -312,20 +293,18 @@ def _sm_count(device_index: int) -> int:
 
 def _meta(q: Tensor, v: Tensor, chunk: int | None) -> dict:
     dk, dv = q.shape[-1], v.shape[-1]
-    upcast = _interpreting() and q.dtype == torch.bfloat16
     bk, bv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     chunk = chunk or TUNING["chunk"]
     if chunk is None:
         chunk = 64 if max(bk, bv) <= 64 else 32  # keeps the (BK, BV) state and (BC, BC) scores in registers
     return {
         "DK": dk, "DV": dv, "BK": bk, "BV": bv, "BC": chunk,
-        "PRECISION": "ieee" if upcast or torch.get_float32_matmul_precision() == "highest" else "tf32",
-        "UPCAST": upcast,
+        **dot_options(q.dtype),
     }
 
 
 def _launch_options(meta: dict) -> dict:
-    if _interpreting():
+    if interpreting():
         return {}
     warps = TUNING["num_warps"] or (4 if max(meta["BK"], meta["BV"]) <= 64 else 8)
     return {"num_warps": warps, "num_stages": TUNING["num_stages"] or 2}

@@ -1,0 +1,62 @@
+"""The chunk-by-chunk state scan of Titans' neural memory: `memory_scan(weights, momentum, k, v, end, decay, ...)`.
+
+    scan = memory_scan(weights, momentum, k_chunks, v_chunks, end, decay, act="silu", max_surprise_norm=1.0)
+    scan.weights, scan.momentum        # the state after the last chunk
+    scan.w0, scan.s0                   # every chunk's start state, (BH, nc, d_l, d_{l+1})
+    scan.inputs, scan.deltas           # every chunk's factors a_l and delta_l (see reference.py)
+
+Dispatch, by `FORMERLAB_MEMORY_SCAN`: `reference` (the default) runs the PyTorch reference (`reference.py`, the
+spec; autograd gives its backward); `auto` runs the fused Triton forward (`triton_scan.py`: one program per memory,
+the weights and momentum kept on chip across the chunks) for CUDA tensors when no gradient is needed (evaluation,
+generation) and the memory is a 2-layer SiLU MLP with power-of-two sizes of at least 16, the reference otherwise;
+`triton` forces the kernel (on CPU it then needs `TRITON_INTERPRET=1`, which is how the tests run it). The kernel
+matches the reference under the interpreter; it becomes the default once it has been checked on a GPU at the
+models' sizes (`scripts/bench_titans.py --parts scan`), which has not happened yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from shared.kernels.memory_scan.reference import ScanResult, dual_advance, memory_scan_reference
+
+__all__ = ["memory_scan", "memory_scan_reference", "ScanResult", "backend"]
+
+ENV_VAR = "FORMERLAB_MEMORY_SCAN"
+
+
+def _forced() -> str:
+    forced = os.environ.get(ENV_VAR, "reference").strip().lower()
+    if forced not in ("auto", "reference", "triton"):
+        raise ValueError(f"{ENV_VAR}={forced!r}: expected auto, reference or triton")
+    return forced
+
+
+def backend(weights: tuple[Tensor, ...], k: Tensor, act: str) -> str:
+    """'triton' or 'reference': the path `memory_scan` takes for these inputs."""
+    forced = _forced()
+    if forced != "auto":
+        return forced
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, k))
+    if k.device.type != "cuda" or needs_grad:
+        return "reference"
+    from shared.kernels.memory_scan.triton_scan import supports
+    from shared.kernels.triton_common import triton_available
+
+    return "triton" if triton_available() and supports(weights, k, act) else "reference"
+
+
+def memory_scan(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...], k: Tensor, v: Tensor, end: Tensor,
+                decay: Tensor, act: str = "silu", max_surprise_norm: float | None = None,
+                advance: Callable = dual_advance) -> ScanResult:
+    """Every chunk's update in order (reference.py's docstring); `advance` is the reference's chunk step (a
+    compiled copy of `dual_advance` with the memory's `compile_step`)."""
+    if backend(weights, k, act) == "triton":
+        from shared.kernels.memory_scan.triton_scan import memory_scan_triton
+
+        return memory_scan_triton(weights, momentum, k, v, end, decay, max_surprise_norm)
+    return memory_scan_reference(weights, momentum, k, v, end, decay, act, max_surprise_norm, advance)
