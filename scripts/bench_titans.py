@@ -12,13 +12,15 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
               at 1K, 2K, 4K, 8K bytes (exact match of the 7-digit value).
   throughput  training tokens/s and MFU (bf16) of every variant against Transformer++, and tokens/s against the
               sequence length at a fixed number of tokens per batch (Figure 9's layout); `--compile-variants`
-              (default lmm) adds rows with the memory's chunk step under torch.compile, at `--compile-lens`.
+              (default lmm) adds rows with the memory's chunk step under torch.compile, at `--compile-lens`;
+              `--graph-variants` rows replay the step as a CUDA graph, `--scan-variants` rows do so with the fused
+              Triton memory scan (`shared/kernels/memory_scan`), at `--graph-lens`.
   chunk       the memory update alone (forward + backward): the token loop (the recurrence, b = 1) against the
               parallel chunked update (dual form eager and compiled, materialised form) at b = 64, and the loop at
               b = 64 (same math).
-  scan        the memory's chunk scan without gradient (evaluation): the fused Triton kernel of
-              `shared/kernels/memory_scan` against the PyTorch reference loop, at the `tiny` and `small` memory
-              shapes: max relative difference of every output (float32 and bf16 autocast) and milliseconds.
+  scan        the memory's chunk scan alone: the fused Triton kernels of `shared/kernels/memory_scan` against the
+              PyTorch reference loop, at the `tiny` and `small` memory shapes, without gradient and forward +
+              backward: max relative difference of the outputs and gradients (float32, bf16 autocast), and ms.
   attention   FlexAttention (compiled) against the SDPA dense-mask path on the GPU, sliding window with prefix and
               MAC's segmented mask: max difference of outputs and gradients (the CPU tests compare the eager
               FlexAttention forward and a plain-math reference).
@@ -41,6 +43,7 @@ No hydra / lightning imports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -434,8 +437,11 @@ class Bench:
         a = self.args
         rows = [(v, v, {}) for v in a.variants] + [
             (f"{v}+compile", v, {"memory": {"compile_step": True}}) for v in a.compile_variants if v in VARIANTS]
-        graph_rows = {f"{v}+graph" for v in a.graph_variants if v in VARIANTS} if self.device.type == "cuda" else set()
-        rows += [(name, name.removesuffix("+graph"), {}) for name in sorted(graph_rows)]
+        cuda = self.device.type == "cuda"
+        graph_rows = {f"{v}+graph" for v in a.graph_variants if v in VARIANTS} if cuda else set()
+        scan_rows = {f"{v}+scan+graph" for v in a.scan_variants if v in VARIANTS} if cuda else set()
+        graph_rows |= scan_rows
+        rows += [(name, name.removesuffix("+graph").removesuffix("+scan"), {}) for name in sorted(graph_rows)]
         for seq_len in a.seq_lens:
             batch = max(1, a.tokens_per_batch // seq_len)
             for name, variant, extra in rows:
@@ -449,7 +455,8 @@ class Bench:
                 for backend in dict.fromkeys([a.attn_backend, "sdpa"]):  # FlexAttention, else the SDPA path
                     try:
                         model = self.model(variant, max_len=seq_len, attn_backend=backend, **extra)
-                        sec = self.step_time(model, batch, seq_len, a.iters, cuda_graph=name in graph_rows)
+                        with scan_backend("auto" if name in scan_rows else "reference"):
+                            sec = self.step_time(model, batch, seq_len, a.iters, cuda_graph=name in graph_rows)
                         flops = 3 * self.forward_flops(variant, seq_len) * batch
                         row = {"tokens_per_s": batch * seq_len / sec, "step_s": sec, "batch": batch,
                                "tflops": flops / sec / 1e12, "backend": backend,
@@ -522,7 +529,8 @@ class Bench:
         print_errors(self.results["chunk"])
 
     def part_scan(self) -> None:
-        """The chunk scan alone, no gradient: Triton (`FORMERLAB_MEMORY_SCAN=triton`) against the reference loop."""
+        """The chunk scan alone: the fused Triton kernels against the PyTorch reference loop, at the memory shapes
+        of `tiny` and `small`, without gradient (evaluation) and forward + backward (training)."""
         from shared.kernels.memory_scan import memory_scan_reference
         from shared.kernels.memory_scan.triton_scan import memory_scan_triton
 
@@ -531,50 +539,68 @@ class Bench:
             print("[scan] needs CUDA, or TRITON_INTERPRET=1 on the CPU (tests/test_memory_scan.py compares there)")
             return
         shapes = {"tiny": (32, 64, 32), "small": (64, 128, 64)}  # head_dim, memory hidden width, chunk b
+        impls = {"reference": functools.partial(memory_scan_reference, act="silu"), "triton": memory_scan_triton}
         bh = 4 if a.quick else 48
+
+        def outputs(scan) -> list[torch.Tensor]:
+            return [*scan.weights, *scan.momentum, *scan.w0, *scan.s0, *scan.inputs, *scan.deltas]
+
+        def rel_err(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+            return max(float((x.float() - y.float()).abs().max() / y.float().abs().max()) for x, y in zip(xs, ys))
+
         for t in a.chunk_lens:
             for size, (d, dh, b) in shapes.items():
                 if self.out_of_time():
                     self.record(("scan", t, size), SKIPPED)
                     continue
+                row: dict[str, Any] = {}
                 try:
                     g = torch.Generator(device=self.device).manual_seed(0)
                     rand = functools.partial(torch.randn, generator=g, device=self.device)
                     nc = t // b
-                    weights = (rand(bh, d, dh) / d ** 0.5, rand(bh, dh, d) / dh ** 0.5)
-                    momentum = tuple(0.1 * rand(*w.shape) for w in weights)
-                    k = F.normalize(rand(bh, nc, b, d), dim=-1)
-                    v, end = rand(bh, nc, b, d), -0.1 * rand(bh, nc, b, 2).abs()
+                    state = [rand(bh, d, dh) / d ** 0.5, rand(bh, dh, d) / dh ** 0.5]
+                    state += [0.1 * rand(*w.shape) for w in state]
+                    data = [F.normalize(rand(bh, nc, b, d), dim=-1), rand(bh, nc, b, d),
+                            -0.1 * rand(bh, nc, b, 2).abs()]
                     decay = 0.5 + 0.5 * torch.rand(bh, nc, 3, generator=g, device=self.device)
-                    row: dict[str, Any] = {}
-                    for dtype in (torch.float32, torch.bfloat16):
-                        args = (weights, momentum, k.to(dtype), v.to(dtype), end.to(dtype), decay)
-                        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                             enabled=dtype == torch.bfloat16):
-                            ref = memory_scan_reference(*args, act="silu", max_surprise_norm=1.0)
-                            fused = memory_scan_triton(*args, max_surprise_norm=1.0)
-                            err = max(float((x.float() - y.float()).abs().max() / y.float().abs().max())
-                                      for name in ref._fields for x, y in zip(getattr(fused, name), getattr(ref, name)))
-                            ms_ref = self.milliseconds(functools.partial(
-                                memory_scan_reference, *args, max_surprise_norm=1.0), a.iters)
-                            ms_fused = self.milliseconds(functools.partial(
-                                memory_scan_triton, *args, max_surprise_norm=1.0), a.iters)
-                        tag = "fp32" if dtype == torch.float32 else "bf16"
-                        row |= {f"{tag}_max_rel_err": err, f"{tag}_reference_ms": ms_ref, f"{tag}_triton_ms": ms_fused}
+                    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                        leaves = [x.clone().requires_grad_() for x in (*state, *(x.to(dtype) for x in data), decay)]
+
+                        def scan(impl: str, train: bool, leaves: list[torch.Tensor] = leaves, tag: str = tag):
+                            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tag == "bf16"):
+                                with torch.set_grad_enabled(train):
+                                    out = impls[impl](tuple(leaves[:2]), tuple(leaves[2:4]), *leaves[4:],
+                                                      max_surprise_norm=1.0)
+                            if not train:
+                                return outputs(out), None
+                            loss = sum(x.float().square().mean() for x in outputs(out))
+                            return outputs(out), torch.autograd.grad(loss, leaves)
+
+                        (ref, ref_grads), (fused, fused_grads) = scan("reference", True), scan("triton", True)
+                        row[f"{tag}_max_rel_err"] = rel_err(fused, ref)
+                        row[f"{tag}_grad_max_rel_err"] = rel_err(list(fused_grads), list(ref_grads))
+                        for impl in impls:
+                            for mode, train in (("eval", False), ("train", True)):
+                                row[f"{tag}_{mode}_{impl}_ms"] = self.milliseconds(
+                                    functools.partial(scan, impl, train), a.iters)
                 except Exception as exc:
                     row = self.failure(exc)
                     self.free()
                 self.record(("scan", t, size), row)
-        print(f"\nMemory chunk scan without gradient, {bh} memories, ms (Triton speed-up), max relative difference")
+        print(f"\nMemory chunk scan, {bh} memories: reference / Triton ms (speed-up); max relative difference of the "
+              f"outputs and of the gradients")
         for t, r in self.results["scan"].items():
             for size, v in r.items():
-                if "fp32_triton_ms" not in v:
+                if "fp32_eval_triton_ms" not in v:
                     print(f"T={t:6d} {size}: {status(v)}")
                     continue
-                print(f"T={t:6d} {size}: " + "  ".join(
-                    f"{tag} reference {v[f'{tag}_reference_ms']:.2f} / Triton {v[f'{tag}_triton_ms']:.2f} ms "
-                    f"(x{v[f'{tag}_reference_ms'] / v[f'{tag}_triton_ms']:.1f}), diff {v[f'{tag}_max_rel_err']:.1e}"
-                    for tag in ("fp32", "bf16")))
+                for tag in ("fp32", "bf16"):
+                    ms = {mode: (v[f"{tag}_{mode}_reference_ms"], v[f"{tag}_{mode}_triton_ms"])
+                          for mode in ("eval", "train")}
+                    times = "  ".join(f"{mode} {ref:.2f} / {fused:.2f} (x{ref / fused:.1f})"
+                                      for mode, (ref, fused) in ms.items())
+                    print(f"T={t:6d} {size} {tag}: {times}; diff {v[f'{tag}_max_rel_err']:.1e}, "
+                          f"grad diff {v[f'{tag}_grad_max_rel_err']:.1e}")
         print_errors(self.results["scan"])
 
     def part_attention(self) -> None:
@@ -635,6 +661,22 @@ class Bench:
 SKIPPED = {"skipped": "time budget"}
 
 
+@contextlib.contextmanager
+def scan_backend(value: str):
+    """`FORMERLAB_MEMORY_SCAN=value` (shared/kernels/memory_scan) for the duration of the block."""
+    from shared.kernels.memory_scan import ENV_VAR
+
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR)
+        else:
+            os.environ[ENV_VAR] = before
+
+
 def status(row: dict[str, Any]) -> str:
     """A table cell for an item without numbers: 'skipped' (budget), 'error: <reason>' or '-' (not asked for)."""
     if not row:
@@ -691,6 +733,9 @@ def main() -> None:
                    help="lengths of those rows (each length compiles anew, ~a minute)")
     p.add_argument("--graph-variants", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="throughput rows with the whole training step replayed as a CUDA graph (GPU only)")
+    p.add_argument("--scan-variants", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="throughput rows <variant>+scan+graph: the step as a CUDA graph with the fused Triton memory "
+                        "scan (compare with the +graph rows of --graph-variants), at --graph-lens")
     p.add_argument("--graph-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024],
                    help="lengths of those rows")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "flex", "sdpa"], help="throughput part")

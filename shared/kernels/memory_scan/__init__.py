@@ -6,12 +6,12 @@
     scan.inputs, scan.deltas           # every chunk's factors a_l and delta_l (see reference.py)
 
 Dispatch, by `FORMERLAB_MEMORY_SCAN`: `reference` (the default) runs the PyTorch reference (`reference.py`, the
-spec; autograd gives its backward); `auto` runs the fused Triton forward (`triton_scan.py`: one program per memory,
-the weights and momentum kept on chip across the chunks) for CUDA tensors when no gradient is needed (evaluation,
-generation) and the memory is a 2-layer SiLU MLP with power-of-two sizes of at least 16, the reference otherwise;
-`triton` forces the kernel (on CPU it then needs `TRITON_INTERPRET=1`, which is how the tests run it). The kernel
-matches the reference under the interpreter; it becomes the default once it has been checked on a GPU at the
-models' sizes (`scripts/bench_titans.py --parts scan`), which has not happened yet.
+spec; autograd gives its backward); `auto` runs the fused Triton kernels (`triton_scan.py`: one program per memory,
+the weights and momentum kept on chip across the chunks, forward and backward) for CUDA tensors when the memory is
+a 2-layer SiLU MLP with power-of-two sizes of at least 16, the reference otherwise; `triton` forces the kernels (on
+CPU they then need `TRITON_INTERPRET=1`, which is how the tests run them). The kernels match the reference, values
+and gradients, under the interpreter; they become the default once checked on a GPU at the models' sizes
+(`scripts/bench_titans.py --parts scan`), which has not happened yet.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from shared.kernels.memory_scan.reference import ScanResult, dual_advance, memory_scan_reference
@@ -41,8 +40,7 @@ def backend(weights: tuple[Tensor, ...], k: Tensor, act: str) -> str:
     forced = _forced()
     if forced != "auto":
         return forced
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, k))
-    if k.device.type != "cuda" or needs_grad:
+    if k.device.type != "cuda":
         return "reference"
     from shared.kernels.memory_scan.triton_scan import supports
     from shared.kernels.triton_common import triton_available

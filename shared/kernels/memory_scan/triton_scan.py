@@ -1,4 +1,4 @@
-"""The memory scan of `reference.py` as one Triton kernel (forward only): a program per memory (batch x head) walks
+"""The memory scan of `reference.py` as Triton kernels, forward and backward: a program per memory (batch x head) walks
 the chunks in order with the memory's weights W_1 (d_0 x d_h), W_2 (d_h x d_out) and momenta S_1, S_2 held in
 float32 registers, so a sequence of nc chunks is one launch instead of about 20 small kernels per chunk. Per chunk:
 
@@ -87,6 +87,118 @@ if triton is not None:
         tl.store(_matrix(w2_ptr + bh * DH * DO, DH, DO), w2)
         tl.store(_matrix(s2_ptr + bh * DH * DO, DH, DO), s2)
 
+    @triton.jit
+    def _memory_scan_bwd(
+        k_ptr, v_ptr, end_ptr, decay_ptr,
+        w1_start_ptr, w2_start_ptr, s1_start_ptr, s2_start_ptr,      # the forward's chunk-start states
+        gw1_start_ptr, gw2_start_ptr, gs1_start_ptr, gs2_start_ptr,  # their gradients (from the reads)
+        ga_ptr, gd1_ptr, gd2_ptr,                                    # gradients of the factors (from the reads)
+        dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,  # in: gradients of the final state; out: of the initial state
+        dk_ptr, dv_ptr, dend_ptr, ddecay_ptr,
+        NC, max_norm,
+        N: tl.constexpr, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, CLIP: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """The chunks in reverse: recompute a chunk's forward from its saved start state, back-propagate the
+        gradients of its end state and of its outputs, and carry the state's gradient to the chunk before."""
+        bh = tl.program_id(0).to(tl.int64)
+        dt = k_ptr.dtype.element_ty
+        rows = tl.arange(0, N)
+        dw1 = tl.load(_matrix(dw1_ptr + bh * D0 * DH, D0, DH))
+        ds1 = tl.load(_matrix(ds1_ptr + bh * D0 * DH, D0, DH))
+        dw2 = tl.load(_matrix(dw2_ptr + bh * DH * DO, DH, DO))
+        ds2 = tl.load(_matrix(ds2_ptr + bh * DH * DO, DH, DO))
+        for i in range(NC):
+            chunk = bh * NC + NC - 1 - i
+            w1 = tl.load(_matrix(w1_start_ptr + chunk * D0 * DH, D0, DH))
+            s1 = tl.load(_matrix(s1_start_ptr + chunk * D0 * DH, D0, DH))
+            w2 = tl.load(_matrix(w2_start_ptr + chunk * DH * DO, DH, DO))
+            s2 = tl.load(_matrix(s2_start_ptr + chunk * DH * DO, DH, DO))
+            k = tl.load(_matrix(k_ptr + chunk * N * D0, N, D0))
+            v = tl.load(_matrix(v_ptr + chunk * N * DO, N, DO)).to(tl.float32)
+            end_w = tl.load(end_ptr + chunk * N * 2 + rows * 2).to(tl.float32)
+            end_s = tl.load(end_ptr + chunk * N * 2 + rows * 2 + 1).to(tl.float32)
+            keep_w = tl.load(decay_ptr + chunk * 3)
+            keep_s = tl.load(decay_ptr + chunk * 3 + 1)
+            keep_m = tl.load(decay_ptr + chunk * 3 + 2)
+            # the chunk's forward again
+            z = dot(k, w1.to(dt), None, PRECISION, UPCAST)
+            sig = tl.sigmoid(z)
+            a = (z * sig).to(dt).to(tl.float32)  # as stored and used by the forward
+            slope = sig * (1 + z * (1 - sig))  # silu'(z)
+            delta2_raw = dot(a.to(dt), w2.to(dt), None, PRECISION, UPCAST) - v
+            back = dot(delta2_raw.to(dt), tl.trans(w2.to(dt)), None, PRECISION, UPCAST)
+            delta1_raw = back * slope
+            if CLIP:
+                kf = k.to(tl.float32)
+                kk, aa = tl.sum(kf * kf, 1), tl.sum(a * a, 1)
+                dd1, dd2 = tl.sum(delta1_raw * delta1_raw, 1), tl.sum(delta2_raw * delta2_raw, 1)
+                sq = 4 * (kk * dd1 + aa * dd2)
+                scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
+                delta1 = (delta1_raw * scale[:, None]).to(dt).to(tl.float32)
+                delta2 = (delta2_raw * scale[:, None]).to(dt).to(tl.float32)
+            else:
+                delta1 = delta1_raw.to(dt).to(tl.float32)
+                delta2 = delta2_raw.to(dt).to(tl.float32)
+            # the decays: W' = A W + D S + U_W, S' = E S + U_S
+            d_keep_w = tl.sum(tl.sum(dw1 * w1, 1), 0) + tl.sum(tl.sum(dw2 * w2, 1), 0)
+            d_keep_s = tl.sum(tl.sum(dw1 * s1, 1), 0) + tl.sum(tl.sum(dw2 * s2, 1), 0)
+            d_keep_m = tl.sum(tl.sum(ds1 * s1, 1), 0) + tl.sum(tl.sum(ds2 * s2, 1), 0)
+            tl.store(ddecay_ptr + chunk * 3, d_keep_w)
+            tl.store(ddecay_ptr + chunk * 3 + 1, d_keep_s)
+            tl.store(ddecay_ptr + chunk * 3 + 2, d_keep_m)
+            # the updates U = a_{l-1}^T (delta_l * end): gradients of delta, a_{l-1} and end
+            k_dw1 = dot(k, dw1.to(dt), None, PRECISION, UPCAST)  # (N, DH)
+            k_ds1 = dot(k, ds1.to(dt), None, PRECISION, UPCAST)
+            a_dw2 = dot(a.to(dt), dw2.to(dt), None, PRECISION, UPCAST)  # (N, DO)
+            a_ds2 = dot(a.to(dt), ds2.to(dt), None, PRECISION, UPCAST)
+            g_delta1 = k_dw1 * end_w[:, None] + k_ds1 * end_s[:, None]
+            g_delta1 += tl.load(_matrix(gd1_ptr + chunk * N * DH, N, DH)).to(tl.float32)
+            g_delta2 = a_dw2 * end_w[:, None] + a_ds2 * end_s[:, None]
+            g_delta2 += tl.load(_matrix(gd2_ptr + chunk * N * DO, N, DO)).to(tl.float32)
+            d_end_w = tl.sum(k_dw1 * delta1, 1) + tl.sum(a_dw2 * delta2, 1)
+            d_end_s = tl.sum(k_ds1 * delta1, 1) + tl.sum(a_ds2 * delta2, 1)
+            tl.store(dend_ptr + chunk * N * 2 + rows * 2, d_end_w.to(dend_ptr.dtype.element_ty))
+            tl.store(dend_ptr + chunk * N * 2 + rows * 2 + 1, d_end_s.to(dend_ptr.dtype.element_ty))
+            dk = dot((delta1 * end_w[:, None]).to(dt), tl.trans(dw1.to(dt)), None, PRECISION, UPCAST)
+            dk = dot((delta1 * end_s[:, None]).to(dt), tl.trans(ds1.to(dt)), dk, PRECISION, UPCAST)  # (N, D0)
+            da = dot((delta2 * end_w[:, None]).to(dt), tl.trans(dw2.to(dt)), None, PRECISION, UPCAST)
+            da = dot((delta2 * end_s[:, None]).to(dt), tl.trans(ds2.to(dt)), da, PRECISION, UPCAST)  # (N, DH)
+            da += tl.load(_matrix(ga_ptr + chunk * N * DH, N, DH)).to(tl.float32)
+            # the clip: delta = delta_raw * scale(||u||^2)
+            if CLIP:
+                g_delta1_raw = g_delta1 * scale[:, None]
+                g_delta2_raw = g_delta2 * scale[:, None]
+                d_scale = tl.sum(g_delta1 * delta1_raw, 1) + tl.sum(g_delta2 * delta2_raw, 1)
+                d_sq = tl.where(sq > max_norm * max_norm, -0.5 * d_scale * scale / sq, 0.0)  # d scale / d sq
+                dk += (8 * d_sq * dd1)[:, None] * kf
+                g_delta1_raw += (8 * d_sq * kk)[:, None] * delta1_raw
+                da += (8 * d_sq * dd2)[:, None] * a
+                g_delta2_raw += (8 * d_sq * aa)[:, None] * delta2_raw
+            else:
+                g_delta1_raw, g_delta2_raw = g_delta1, g_delta2
+            # delta1_raw = (delta2_raw W_2^T) silu'(z), delta2_raw = a W_2 - v, a = silu(z), z = k W_1
+            g_back = g_delta1_raw * slope
+            dz = g_delta1_raw * back * sig * (1 - sig) * (2 + z * (1 - 2 * sig))  # silu''(z)
+            g_delta2_raw += dot(g_back.to(dt), w2.to(dt), None, PRECISION, UPCAST)
+            dw2_mlp = dot(tl.trans(g_back.to(dt)), delta2_raw.to(dt), None, PRECISION, UPCAST)  # (DH, DO)
+            da += dot(g_delta2_raw.to(dt), tl.trans(w2.to(dt)), None, PRECISION, UPCAST)
+            dw2_mlp = dot(tl.trans(a.to(dt)), g_delta2_raw.to(dt), dw2_mlp, PRECISION, UPCAST)
+            dz += da * slope
+            dk = dot(dz.to(dt), tl.trans(w1.to(dt)), dk, PRECISION, UPCAST)
+            dw1_mlp = dot(tl.trans(k), dz.to(dt), None, PRECISION, UPCAST)  # (D0, DH)
+            tl.store(_matrix(dk_ptr + chunk * N * D0, N, D0), dk.to(dk_ptr.dtype.element_ty))
+            tl.store(_matrix(dv_ptr + chunk * N * DO, N, DO), (-g_delta2_raw).to(dv_ptr.dtype.element_ty))
+            # the state's gradient at the chunk start
+            ds1 = keep_s * dw1 + keep_m * ds1 + tl.load(_matrix(gs1_start_ptr + chunk * D0 * DH, D0, DH))
+            dw1 = keep_w * dw1 + dw1_mlp + tl.load(_matrix(gw1_start_ptr + chunk * D0 * DH, D0, DH))
+            ds2 = keep_s * dw2 + keep_m * ds2 + tl.load(_matrix(gs2_start_ptr + chunk * DH * DO, DH, DO))
+            dw2 = keep_w * dw2 + dw2_mlp + tl.load(_matrix(gw2_start_ptr + chunk * DH * DO, DH, DO))
+        tl.store(_matrix(dw1_ptr + bh * D0 * DH, D0, DH), dw1)
+        tl.store(_matrix(ds1_ptr + bh * D0 * DH, D0, DH), ds1)
+        tl.store(_matrix(dw2_ptr + bh * DH * DO, DH, DO), dw2)
+        tl.store(_matrix(ds2_ptr + bh * DH * DO, DH, DO), ds2)
+
 
 def _power_of_two(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
@@ -101,25 +213,56 @@ def supports(weights: tuple[Tensor, ...], k: Tensor, act: str) -> bool:
     return all(_power_of_two(n) for n in (k.shape[2], d0, dh, do)) and d0 * dh <= 128 * 128 and dh * do <= 128 * 128
 
 
-@torch.no_grad()
+def _launch_options(dh: int) -> dict:
+    return {} if interpreting() else {"num_warps": 4 if dh <= 64 else 8}
+
+
+class MemoryScanFunction(torch.autograd.Function):
+    """Autograd wrapper of the two kernels. Inputs: the state (w1, w2, s1, s2) float32, k, v, end of one dtype,
+    decay float32, all contiguous; outputs: the final state, every chunk's start state, and the factors."""
+
+    @staticmethod
+    def forward(ctx, w1: Tensor, w2: Tensor, s1: Tensor, s2: Tensor, k: Tensor, v: Tensor, end: Tensor,
+                decay: Tensor, max_norm: float | None) -> tuple[Tensor, ...]:
+        bh, nc, n, d0 = k.shape
+        dh, do = w1.shape[2], w2.shape[2]
+        final = [t.clone() for t in (w1, w2, s1, s2)]  # updated in place to the final state
+        w1_start, w2_start = w1.new_empty(bh, nc, d0, dh), w1.new_empty(bh, nc, dh, do)
+        s1_start, s2_start = w1.new_empty(bh, nc, d0, dh), w1.new_empty(bh, nc, dh, do)
+        a, delta1, delta2 = k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, do)
+        _memory_scan_fwd[(bh,)](
+            k, v, end, decay, *final, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2,
+            nc, float(max_norm or 0.0), N=n, D0=d0, DH=dh, DO=do, CLIP=max_norm is not None,
+            **dot_options(k.dtype), **_launch_options(dh),
+        )
+        ctx.save_for_backward(k, v, end, decay, w1_start, w2_start, s1_start, s2_start)
+        ctx.max_norm = max_norm
+        return (*final, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        k, v, end, decay, w1_start, w2_start, s1_start, s2_start = ctx.saved_tensors
+        bh, nc, n, d0 = k.shape
+        dh, do = w1_start.shape[3], w2_start.shape[3]
+        like = (w1_start[:, 0], w2_start[:, 0], s1_start[:, 0], s2_start[:, 0], w1_start, w2_start, s1_start,
+                s2_start, k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, do))
+        grads = [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, like)]
+        state_grads = [g.float().clone() for g in grads[:4]]  # carried back to the initial state in place
+        dk, dv, dend = torch.empty_like(k), torch.empty_like(v), torch.empty_like(end)
+        ddecay = torch.empty_like(decay)
+        _memory_scan_bwd[(bh,)](
+            k, v, end, decay, w1_start, w2_start, s1_start, s2_start, *grads[4:], *state_grads,
+            dk, dv, dend, ddecay, nc, float(ctx.max_norm or 0.0), N=n, D0=d0, DH=dh, DO=do,
+            CLIP=ctx.max_norm is not None, **dot_options(k.dtype), **_launch_options(dh),
+        )
+        return (*state_grads, dk, dv, dend, ddecay, None)
+
+
 def memory_scan_triton(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...], k: Tensor, v: Tensor,
                        end: Tensor, decay: Tensor, max_surprise_norm: float | None = None) -> ScanResult:
-    """`memory_scan_reference` for a 2-layer SiLU memory (see `supports`), without autograd."""
-    bh, nc, n, d0 = k.shape
-    dh, do = weights[0].shape[2], weights[1].shape[2]
-    k, v, end = k.contiguous(), v.to(k.dtype).contiguous(), end.contiguous()
-    decay = decay.float().contiguous()
-    w1, w2 = (w.float().clone().contiguous() for w in weights)  # updated in place to the final state
-    s1, s2 = (s.float().clone().contiguous() for s in momentum)
-    state = dict(device=k.device, dtype=torch.float32)
-    starts = [torch.empty(bh, nc, d0, dh, **state), torch.empty(bh, nc, dh, do, **state)]
-    momentum_starts = [torch.empty(bh, nc, d0, dh, **state), torch.empty(bh, nc, dh, do, **state)]
-    a = k.new_empty(bh, nc, n, dh)
-    delta1, delta2 = k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, do)
-    opts = {} if interpreting() else {"num_warps": 4 if dh <= 64 else 8}
-    _memory_scan_fwd[(bh,)](
-        k, v, end, decay, w1, w2, s1, s2, starts[0], starts[1], momentum_starts[0], momentum_starts[1],
-        a, delta1, delta2, nc, float(max_surprise_norm or 0.0),
-        N=n, D0=d0, DH=dh, DO=do, CLIP=max_surprise_norm is not None, **dot_options(k.dtype), **opts,
-    )
-    return ScanResult((w1, w2), (s1, s2), starts, momentum_starts, [a], [delta1, delta2])
+    """`memory_scan_reference` for a 2-layer SiLU memory (see `supports`), forward and backward."""
+    (w1, w2), (s1, s2) = ((t.float().contiguous() for t in pair) for pair in (weights, momentum))
+    out = MemoryScanFunction.apply(w1, w2, s1, s2, k.contiguous(), v.to(k.dtype).contiguous(),
+                                   end.to(k.dtype).contiguous(), decay.float().contiguous(), max_surprise_norm)
+    w1, w2, s1, s2, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2 = out
+    return ScanResult((w1, w2), (s1, s2), [w1_start, w2_start], [s1_start, s2_start], [a], [delta1, delta2])
