@@ -27,7 +27,9 @@ definition live here and are tested against each other:
   w.r.t. an MLP layer is an outer product (layer input) x (gradient at the layer's pre-activation), obtained for
   all tokens of a chunk at once by the MLP's backward pass written out; substituting it into the scans turns every
   read into matmuls against b x b coefficient matrices (Yu Sun et al. 2024's dual form, extended with momentum and
-  decay). Only the chunk-end states are computed chunk by chunk; coefficients and reads are batched over chunks.
+  decay). Only the chunk-end states are computed chunk by chunk (`shared/kernels/memory_scan`, where the chunk
+  step `dual_advance` and the MLP's written-out backward `layer_factors` live); coefficients and reads are batched
+  over chunks.
 """
 
 from __future__ import annotations
@@ -272,8 +274,8 @@ def memory_chunked_dual(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gat
     With u_j = 2 a_j^T delta_j per layer and M_i = A_i M_0 + D_i S_0 - sum_{j<=i} K[i, j] theta_j u_j
     (`ChunkCoefficients`), a read h_i M_i of the layer's input h_i is
         A_i (h_i M_0) + D_i (h_i S_0) - sum_j 2 K[i, j] theta_j (h_i . a_j) delta_j   (b x b matmuls, layer by layer).
-    Only the chunk-end states are sequential (`shared.kernels.memory_scan`: a few matmuls per chunk, fused into one
-    Triton kernel on a GPU when no gradient is needed); the coefficients before the scan and the reads after it
+    Only the chunk-end states are sequential (`shared.kernels.memory_scan`: a few matmuls per chunk, or fused Triton
+    kernels with `FORMERLAB_MEMORY_SCAN=auto` on a GPU); the coefficients before the scan and the reads after it
     (`dual_reads`) are batched over all chunks.
     """
     advance, read = (_compiled(dual_advance), _compiled(dual_reads)) if compile_step else (dual_advance, dual_reads)
