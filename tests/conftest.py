@@ -36,6 +36,20 @@ def run_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None, t
     )
 
 
+def triton_kernel_module(name: str):
+    """The Triton kernel module `name` (e.g. "shared.kernels.memory_scan.triton_scan"): as imported on a GPU, else
+    reloaded for the CPU interpreter (the variable is read when a kernel is decorated); skips the test without it."""
+    import importlib
+
+    pytest.importorskip("triton")
+    module = importlib.import_module(name)
+    if torch.cuda.is_available():
+        return module
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+    return importlib.reload(module)
+
+
 @pytest.fixture
 def load_script(monkeypatch):
     """`load_script("bench_lra")` imports scripts/bench_lra.py as module `bench_lra`, registered in `sys.modules`

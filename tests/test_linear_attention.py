@@ -3,7 +3,6 @@ Triton kernel against the reference (values and gradients) on CPU under TRITON_I
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -17,6 +16,7 @@ import pytest  # noqa: E402
 
 from shared.kernels import linear_attention as la  # noqa: E402
 from shared.kernels.linear_attention.reference import linear_attention_reference  # noqa: E402
+from tests.conftest import triton_kernel_module  # noqa: E402
 
 
 def naive(q, k, v, causal, normalize, eps):
@@ -99,16 +99,7 @@ def test_bad_shapes_name_the_tensors():
 
 @pytest.fixture(scope="module")
 def triton_chunk():
-    """The Triton module: on the GPU when there is one, else built for the CPU interpreter (the variable is read
-    when a kernel is decorated, so the module is reloaded under it)."""
-    pytest.importorskip("triton")
-    from shared.kernels.linear_attention import triton_chunk as module
-
-    if torch.cuda.is_available():
-        return module
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
-    return importlib.reload(module)
+    return triton_kernel_module("shared.kernels.linear_attention.triton_chunk")
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

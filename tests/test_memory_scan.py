@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
 from shared.kernels import memory_scan as ms
 from shared.kernels.memory_scan.reference import memory_scan_reference
+from tests.conftest import triton_kernel_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
 def triton_scan():
-    """The Triton module, on the GPU or built for the CPU interpreter (see tests/test_linear_attention.py)."""
-    pytest.importorskip("triton")
-    from shared.kernels.memory_scan import triton_scan as module
-
-    if torch.cuda.is_available():
-        return module
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
-    return importlib.reload(module)
+    return triton_kernel_module("shared.kernels.memory_scan.triton_scan")
 
 
 def scan_inputs(bh: int = 3, nc: int = 3, n: int = 16, d0: int = 16, dh: int = 32, dtype=torch.float32, seed: int = 0):

@@ -16,10 +16,9 @@ to 128, q, k, v of one dtype), everything else to the PyTorch reference (`refere
 
 from __future__ import annotations
 
-import os
-
 from torch import Tensor
 
+from shared.kernels.dispatch import forced_backend
 from shared.kernels.linear_attention.reference import linear_attention_reference
 
 __all__ = ["linear_attention", "linear_attention_reference", "backend"]
@@ -27,17 +26,10 @@ __all__ = ["linear_attention", "linear_attention_reference", "backend"]
 ENV_VAR = "FORMERLAB_LINEAR_ATTENTION"
 
 
-def _forced() -> str:
-    forced = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if forced not in ("auto", "reference", "triton"):
-        raise ValueError(f"{ENV_VAR}={forced!r}: expected auto, reference or triton")
-    return forced
-
-
 def backend(device_type: str) -> str:
     """'triton' or 'reference': the path `linear_attention` takes for tensors on `device_type` (shapes the
     kernel does not take still go to the reference unless the variable forces Triton)."""
-    forced = _forced()
+    forced = forced_backend(ENV_VAR, "auto")
     if forced != "auto":
         return forced
     if device_type != "cuda":
@@ -54,6 +46,6 @@ def linear_attention(
     if backend(q.device.type) == "triton":
         from shared.kernels.linear_attention.triton_chunk import linear_attention_triton, supports
 
-        if supports(q, v) or _forced() == "triton":
+        if supports(q, v) or forced_backend(ENV_VAR, "auto") == "triton":
             return linear_attention_triton(q, k, v, causal=causal, normalize=normalize, eps=eps)
     return linear_attention_reference(q, k, v, causal=causal, normalize=normalize, eps=eps)

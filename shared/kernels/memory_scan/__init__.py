@@ -16,11 +16,11 @@ and gradients, under the interpreter; they become the default once checked on a 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from torch import Tensor
 
+from shared.kernels.dispatch import forced_backend
 from shared.kernels.memory_scan.reference import ScanResult, dual_advance, memory_scan_reference
 
 __all__ = ["memory_scan", "memory_scan_reference", "ScanResult", "backend"]
@@ -28,16 +28,9 @@ __all__ = ["memory_scan", "memory_scan_reference", "ScanResult", "backend"]
 ENV_VAR = "FORMERLAB_MEMORY_SCAN"
 
 
-def _forced() -> str:
-    forced = os.environ.get(ENV_VAR, "reference").strip().lower()
-    if forced not in ("auto", "reference", "triton"):
-        raise ValueError(f"{ENV_VAR}={forced!r}: expected auto, reference or triton")
-    return forced
-
-
 def backend(weights: tuple[Tensor, ...], k: Tensor, act: str) -> str:
     """'triton' or 'reference': the path `memory_scan` takes for these inputs."""
-    forced = _forced()
+    forced = forced_backend(ENV_VAR, "reference")
     if forced != "auto":
         return forced
     if k.device.type != "cuda":

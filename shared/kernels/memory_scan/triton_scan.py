@@ -29,6 +29,23 @@ if triton is not None:
         return ptr + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
 
     @triton.jit
+    def _load_state(w1_ptr, w2_ptr, s1_ptr, s2_ptr, index, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr):
+        """The `index`-th (W_1, W_2, S_1, S_2) of four arrays of (D0, DH) and (DH, DO) matrices."""
+        w1 = tl.load(_matrix(w1_ptr + index * D0 * DH, D0, DH))
+        w2 = tl.load(_matrix(w2_ptr + index * DH * DO, DH, DO))
+        s1 = tl.load(_matrix(s1_ptr + index * D0 * DH, D0, DH))
+        s2 = tl.load(_matrix(s2_ptr + index * DH * DO, DH, DO))
+        return w1, w2, s1, s2
+
+    @triton.jit
+    def _store_state(w1_ptr, w2_ptr, s1_ptr, s2_ptr, index, w1, w2, s1, s2, D0: tl.constexpr, DH: tl.constexpr,
+                     DO: tl.constexpr):
+        tl.store(_matrix(w1_ptr + index * D0 * DH, D0, DH), w1)
+        tl.store(_matrix(w2_ptr + index * DH * DO, DH, DO), w2)
+        tl.store(_matrix(s1_ptr + index * D0 * DH, D0, DH), s1)
+        tl.store(_matrix(s2_ptr + index * DH * DO, DH, DO), s2)
+
+    @triton.jit
     def _memory_scan_fwd(
         k_ptr, v_ptr, end_ptr, decay_ptr,                  # (BH, NC, N, D0) (BH, NC, N, DO) (BH, NC, N, 2) (BH, NC, 3)
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,                    # the state: in at the start, out at the end
@@ -41,16 +58,10 @@ if triton is not None:
         bh = tl.program_id(0).to(tl.int64)
         dt = k_ptr.dtype.element_ty
         rows = tl.arange(0, N)
-        w1 = tl.load(_matrix(w1_ptr + bh * D0 * DH, D0, DH))
-        s1 = tl.load(_matrix(s1_ptr + bh * D0 * DH, D0, DH))
-        w2 = tl.load(_matrix(w2_ptr + bh * DH * DO, DH, DO))
-        s2 = tl.load(_matrix(s2_ptr + bh * DH * DO, DH, DO))
+        w1, w2, s1, s2 = _load_state(w1_ptr, w2_ptr, s1_ptr, s2_ptr, bh, D0, DH, DO)
         for c in range(NC):
             chunk = bh * NC + c
-            tl.store(_matrix(w1_start_ptr + chunk * D0 * DH, D0, DH), w1)
-            tl.store(_matrix(s1_start_ptr + chunk * D0 * DH, D0, DH), s1)
-            tl.store(_matrix(w2_start_ptr + chunk * DH * DO, DH, DO), w2)
-            tl.store(_matrix(s2_start_ptr + chunk * DH * DO, DH, DO), s2)
+            _store_state(w1_start_ptr, w2_start_ptr, s1_start_ptr, s2_start_ptr, chunk, w1, w2, s1, s2, D0, DH, DO)
             k = tl.load(_matrix(k_ptr + chunk * N * D0, N, D0))  # (N, D0)
             v = tl.load(_matrix(v_ptr + chunk * N * DO, N, DO)).to(tl.float32)  # (N, DO)
             end_w = tl.load(end_ptr + chunk * N * 2 + rows * 2).to(tl.float32)  # (N,)
@@ -82,10 +93,7 @@ if triton is not None:
             u2s = dot(at, (delta2 * end_s[:, None]).to(dt), None, PRECISION, UPCAST)
             w1, s1 = keep_w * w1 + keep_s * s1 + u1w, keep_m * s1 + u1s
             w2, s2 = keep_w * w2 + keep_s * s2 + u2w, keep_m * s2 + u2s
-        tl.store(_matrix(w1_ptr + bh * D0 * DH, D0, DH), w1)
-        tl.store(_matrix(s1_ptr + bh * D0 * DH, D0, DH), s1)
-        tl.store(_matrix(w2_ptr + bh * DH * DO, DH, DO), w2)
-        tl.store(_matrix(s2_ptr + bh * DH * DO, DH, DO), s2)
+        _store_state(w1_ptr, w2_ptr, s1_ptr, s2_ptr, bh, w1, w2, s1, s2, D0, DH, DO)
 
     @triton.jit
     def _memory_scan_bwd(
@@ -104,16 +112,10 @@ if triton is not None:
         bh = tl.program_id(0).to(tl.int64)
         dt = k_ptr.dtype.element_ty
         rows = tl.arange(0, N)
-        dw1 = tl.load(_matrix(dw1_ptr + bh * D0 * DH, D0, DH))
-        ds1 = tl.load(_matrix(ds1_ptr + bh * D0 * DH, D0, DH))
-        dw2 = tl.load(_matrix(dw2_ptr + bh * DH * DO, DH, DO))
-        ds2 = tl.load(_matrix(ds2_ptr + bh * DH * DO, DH, DO))
+        dw1, dw2, ds1, ds2 = _load_state(dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, bh, D0, DH, DO)
         for i in range(NC):
             chunk = bh * NC + NC - 1 - i
-            w1 = tl.load(_matrix(w1_start_ptr + chunk * D0 * DH, D0, DH))
-            s1 = tl.load(_matrix(s1_start_ptr + chunk * D0 * DH, D0, DH))
-            w2 = tl.load(_matrix(w2_start_ptr + chunk * DH * DO, DH, DO))
-            s2 = tl.load(_matrix(s2_start_ptr + chunk * DH * DO, DH, DO))
+            w1, w2, s1, s2 = _load_state(w1_start_ptr, w2_start_ptr, s1_start_ptr, s2_start_ptr, chunk, D0, DH, DO)
             k = tl.load(_matrix(k_ptr + chunk * N * D0, N, D0))
             v = tl.load(_matrix(v_ptr + chunk * N * DO, N, DO)).to(tl.float32)
             end_w = tl.load(end_ptr + chunk * N * 2 + rows * 2).to(tl.float32)
@@ -190,14 +192,13 @@ if triton is not None:
             tl.store(_matrix(dk_ptr + chunk * N * D0, N, D0), dk.to(dk_ptr.dtype.element_ty))
             tl.store(_matrix(dv_ptr + chunk * N * DO, N, DO), (-g_delta2_raw).to(dv_ptr.dtype.element_ty))
             # the state's gradient at the chunk start
-            ds1 = keep_s * dw1 + keep_m * ds1 + tl.load(_matrix(gs1_start_ptr + chunk * D0 * DH, D0, DH))
-            dw1 = keep_w * dw1 + dw1_mlp + tl.load(_matrix(gw1_start_ptr + chunk * D0 * DH, D0, DH))
-            ds2 = keep_s * dw2 + keep_m * ds2 + tl.load(_matrix(gs2_start_ptr + chunk * DH * DO, DH, DO))
-            dw2 = keep_w * dw2 + dw2_mlp + tl.load(_matrix(gw2_start_ptr + chunk * DH * DO, DH, DO))
-        tl.store(_matrix(dw1_ptr + bh * D0 * DH, D0, DH), dw1)
-        tl.store(_matrix(ds1_ptr + bh * D0 * DH, D0, DH), ds1)
-        tl.store(_matrix(dw2_ptr + bh * DH * DO, DH, DO), dw2)
-        tl.store(_matrix(ds2_ptr + bh * DH * DO, DH, DO), ds2)
+            gw1, gw2, gs1, gs2 = _load_state(gw1_start_ptr, gw2_start_ptr, gs1_start_ptr, gs2_start_ptr, chunk,
+                                             D0, DH, DO)
+            ds1 = keep_s * dw1 + keep_m * ds1 + gs1
+            dw1 = keep_w * dw1 + dw1_mlp + gw1
+            ds2 = keep_s * dw2 + keep_m * ds2 + gs2
+            dw2 = keep_w * dw2 + dw2_mlp + gw2
+        _store_state(dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, bh, dw1, dw2, ds1, ds2, D0, DH, DO)
 
 
 def _power_of_two(n: int) -> bool:
