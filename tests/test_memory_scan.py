@@ -102,6 +102,9 @@ def test_dispatcher_defaults_to_the_reference_and_auto_takes_the_kernel_on_cuda(
     monkeypatch.setenv(ms.ENV_VAR, "auto")
     assert ms.backend(weights, k, "silu") == ("triton" if DEVICE == "cuda" else "reference")
     assert ms.backend(weights, k, "gelu") == "reference"
+    monkeypatch.setenv(ms.ENV_VAR, "triton")  # any device; what the kernels do not take still goes to the reference
+    assert ms.backend(weights, k, "silu") == "triton"
+    assert ms.backend(weights[:1], k, "silu") == ms.backend(weights, k[:, :, :12], "silu") == "reference"
     monkeypatch.setenv(ms.ENV_VAR, "sideways")
     with pytest.raises(ValueError, match="FORMERLAB_MEMORY_SCAN='sideways'"):
         ms.backend(weights, k, "silu")
@@ -109,12 +112,13 @@ def test_dispatcher_defaults_to_the_reference_and_auto_takes_the_kernel_on_cuda(
 
 def test_memory_through_the_kernels_equals_the_reference(triton_scan, monkeypatch):
     """The whole neural memory (gates, scan, reads) with the Triton scan gives the reference's reads, and the same
-    gradients for every parameter of the memory (the outer loop trains through the kernels' backward)."""
+    gradients for every parameter of the memory (the outer loop trains through the kernels' backward). 50 tokens:
+    three whole chunks of 16 through the kernels, a ragged chunk of 2 through the reference."""
     from projects.titans.memory import NeuralMemory
 
     torch.manual_seed(0)
     memory = NeuralMemory(dim=32, num_heads=2, depth=2, chunk_size=16, max_surprise_norm=1.0).to(DEVICE)
-    x = torch.randn(2, 48, 32, device=DEVICE)
+    x = torch.randn(2, 50, 32, device=DEVICE)
 
     def run(backend: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         monkeypatch.setenv(ms.ENV_VAR, backend)

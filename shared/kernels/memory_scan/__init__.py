@@ -8,8 +8,9 @@
 Dispatch, by `FORMERLAB_MEMORY_SCAN`: `reference` (the default) runs the PyTorch reference (`reference.py`, the
 spec; autograd gives its backward); `auto` runs the fused Triton kernels (`triton_scan.py`: one program per memory,
 the weights and momentum kept on chip across the chunks, forward and backward) for CUDA tensors when the memory is
-a 2-layer SiLU MLP with power-of-two sizes of at least 16, the reference otherwise; `triton` forces the kernels (on
-CPU they then need `TRITON_INTERPRET=1`, which is how the tests run them). The kernels match the reference, values
+a 2-layer SiLU MLP with power-of-two sizes of at least 16, the reference otherwise (a linear memory, a ragged last
+chunk); `triton` does the same on any device (on CPU the kernels then need `TRITON_INTERPRET=1`, which is how the
+tests run them). The kernels match the reference, values
 and gradients, under the interpreter; they become the default once checked on a GPU at the models' sizes
 (`scripts/bench_titans.py --parts scan`), which has not happened yet.
 """
@@ -31,9 +32,7 @@ ENV_VAR = "FORMERLAB_MEMORY_SCAN"
 def backend(weights: tuple[Tensor, ...], k: Tensor, act: str) -> str:
     """'triton' or 'reference': the path `memory_scan` takes for these inputs."""
     forced = forced_backend(ENV_VAR, "reference")
-    if forced != "auto":
-        return forced
-    if k.device.type != "cuda":
+    if forced == "reference" or (forced == "auto" and k.device.type != "cuda"):
         return "reference"
     from shared.kernels.memory_scan.triton_scan import supports
     from shared.kernels.triton_common import triton_available
