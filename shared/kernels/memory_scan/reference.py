@@ -13,8 +13,8 @@ with the decay products A_n, D_n, E_n and the chunk-end rows of K and L_E comput
 `max_surprise_norm` first. Besides the final state, the scan returns what the reads of every chunk need: each
 chunk's start state and its factors a_l (l >= 1) and delta_l.
 
-This file is the spec (`memory_scan_reference`, a loop over chunks of `dual_advance`); `triton_scan.py` is the
-fused forward (one program per memory, the state held on chip across chunks).
+This file is the spec (`memory_scan_reference`, a loop over chunks of `dual_advance`); `triton_scan.py` fuses it
+into two kernels, forward and backward (one program per memory, the state held on chip across chunks).
 """
 
 from __future__ import annotations
