@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from projects.titans.data import TitansDataModule  # noqa: E402
 from projects.titans.model import TitansLM  # noqa: E402
-from projects.titans.module import IGNORE, build_model  # noqa: E402
+from projects.titans.module import IGNORE  # noqa: E402
+from shared.lit.evaluate import load_module  # noqa: E402
 
 
 def attention_sees(model: TitansLM, src: int, dst: int) -> bool:
@@ -110,9 +111,7 @@ def load_run(run_dir: Path, ckpt: Path | None) -> tuple[TitansLM, TitansDataModu
     ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise SystemExit(f"{ckpt}: no checkpoint (pass --ckpt)")
-    model = build_model(cfg["model"]["net"]).eval()
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model = load_module(OmegaConf.create(cfg), ckpt).model.eval()
     data = TitansDataModule(**{k: v for k, v in cfg["data"].items() if k != "_target_"})
     data.setup("test")
     return model, data, cfg

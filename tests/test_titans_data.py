@@ -232,18 +232,20 @@ def test_reach_table_splits_the_run_samples_and_counts_an_oracle_right(tmp_path,
     accuracy is 1 on both sides, and the run's own test samples are the ones analysed."""
     import yaml
 
-    from projects.titans.model import MODELS
+    from projects.titans.module import TitansLitModule
 
     reach = load_script("titans_niah_reach")
     torch.manual_seed(0)
-    model = MODELS["titans_mag_tiny"]()
+    module = TitansLitModule(net={"name": "titans_mag_tiny"}, task="niah", test_lengths=[256, 1024])
+    model = module.model
     (tmp_path / "checkpoints").mkdir()
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
-               tmp_path / "checkpoints" / "last.ckpt")
+    torch.save({"pytorch-lightning_version": "2", "hyper_parameters": dict(module.hparams),
+                "state_dict": module.state_dict()}, tmp_path / "checkpoints" / "last.ckpt")
     data = {"_target_": "projects.titans.data.TitansDataModule", "task": "niah", "niah_task": "passkey",
             "seq_len": 256, "batch_size": 2, "val_samples": 6, "test_lengths": [256, 1024], "seed": 5}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"net": {"name": "titans_mag_tiny"}},
-                                                          "data": data}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"_target_": "projects.titans.module.TitansLitModule", "net": {"name": "titans_mag_tiny"}},
+        "data": data}))
     rows = reach.main([str(tmp_path), "--samples", "4"])
     assert [(r["length"], r["samples"]) for r in rows] == [(256, 4), (1024, 4)]
     assert rows[0]["within_reach"] == 4 and rows[0]["beyond_reach"] == 0
