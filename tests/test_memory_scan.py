@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from shared.kernels import memory_scan as ms
 from shared.kernels.memory_scan.reference import memory_scan_reference
-from tests.conftest import triton_kernel_module
+from tests.conftest import REPO, triton_kernel_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,6 +63,19 @@ def test_triton_scan_matches_the_reference_under_bf16_autocast(triton_scan):
     assert_scans_close(got, expected, 4e-2)
 
 
+def test_triton_scan_multiplies_in_the_autocast_dtype(triton_scan):
+    """CUDA autocast leaves the l2-normalised keys in float32; the kernels then multiply in bf16, as the reference's
+    autocast matmuls do: float32 keys and values under autocast give exactly the scan of their bf16 copies."""
+    args = scan_inputs(seed=4)
+    bf16 = (*args[:2], *(t.bfloat16() for t in args[2:5]), args[5])
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert triton_scan.product_dtype(args[2]) == torch.bfloat16
+        got = triton_scan.memory_scan_triton(*args, max_surprise_norm=1.0)
+    expected = triton_scan.memory_scan_triton(*bf16, max_surprise_norm=1.0)
+    assert triton_scan.product_dtype(args[2]) == torch.float32
+    assert_scans_close(got, expected, 1e-6)
+
+
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_triton_scan_gradients_match_the_reference(triton_scan, clip):
     """The backward kernel against autograd through the reference: an outer loss touching every output (final
@@ -96,11 +111,13 @@ def test_supports_only_what_the_kernel_computes(triton_scan):
     assert not triton_scan.supports(tuple(w.double() for w in weights), k, "silu")
 
 
-def test_dispatcher_defaults_to_the_reference_and_auto_takes_the_kernel_on_cuda(triton_scan, monkeypatch):
+def test_dispatcher_takes_the_kernels_on_cuda_by_default(triton_scan, monkeypatch):
     weights, momentum, k, v, end, decay = scan_inputs()
-    assert ms.backend(weights, k, "silu") == "reference"  # the default until the kernels are checked on a GPU
-    monkeypatch.setenv(ms.ENV_VAR, "auto")
+    monkeypatch.delenv(ms.ENV_VAR, raising=False)
     assert ms.backend(weights, k, "silu") == ("triton" if DEVICE == "cuda" else "reference")
+    monkeypatch.setenv(ms.ENV_VAR, "reference")
+    assert ms.backend(weights, k, "silu") == "reference"
+    monkeypatch.setenv(ms.ENV_VAR, "auto")
     assert ms.backend(weights, k, "gelu") == "reference"
     monkeypatch.setenv(ms.ENV_VAR, "triton")  # any device; what the kernels do not take still goes to the reference
     assert ms.backend(weights, k, "silu") == "triton"
@@ -130,3 +147,48 @@ def test_memory_through_the_kernels_equals_the_reference(triton_scan, monkeypatc
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for (name, _), g, e in zip(memory.named_parameters(), got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5, msg=name)
+
+
+HOPPER_SHARED_MEMORY = 232_448  # bytes per block on an H100 / H200 (Triton's `max_shared_mem`)
+
+_COMPILE_FOR_HOPPER = """
+import inspect, json, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from shared.kernels.memory_scan import triton_scan
+
+n, d0, dh, do = 64, 64, 128, 64  # the memory of the `small` and `340m` models: head_dim 64, expansion 2, b = 64
+constants = dict(N=n, D0=d0, DH=dh, DO=do, CLIP=True, PRECISION="tf32", UPCAST=False)
+shared = {}
+for kernel in (triton_scan._memory_scan_fwd, triton_scan._memory_scan_bwd):
+    names = list(inspect.signature(kernel.fn).parameters)
+    f32_args = {"decay_ptr", "ddecay_ptr"} | {p for p in names if p[:2] in ("w1", "w2", "s1", "s2", "gw", "gs")}
+    f32_args |= {"dw1_ptr", "dw2_ptr", "ds1_ptr", "ds2_ptr"}
+    signature = {p: "constexpr" if p in constants else "i32" if p == "NC" else "fp32" if p == "max_norm"
+                 else "*fp32" if p in f32_args else "*bf16" for p in names}
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    compiled = compile(source, target=GPUTarget("cuda", 90, 32), options=triton_scan.launch_options(dh))
+    shared[kernel.fn.__name__] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_at_the_models_memory_size_fit_hopper_shared_memory():
+    """Both kernels compiled for sm_90 (no GPU needed) with the launch options the model uses, at the `small` /
+    `340m` memory in bf16: with Triton's default 3 pipeline stages the backward asks for 262 KB (444 KB in float32,
+    which an H200 refused at launch); with one stage it must fit."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shared = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"_memory_scan_fwd", "_memory_scan_bwd"}
+    for name, size in shared.items():
+        assert 0 < size <= HOPPER_SHARED_MEMORY, f"{name}: {size} bytes of shared memory"

@@ -12,6 +12,8 @@ work between them stays in float32, where the reference rounds to the input dtyp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -206,16 +208,50 @@ def _power_of_two(n: int) -> bool:
 
 
 def supports(weights: tuple[Tensor, ...], k: Tensor, act: str) -> bool:
-    """A 2-layer SiLU memory whose chunk length and widths are powers of two >= 16, state in float32, and at most
-    128 x 128 weights (the four state matrices of a program live in registers)."""
+    """A 2-layer SiLU memory whose chunk length and widths are powers of two >= 16, state in float32, at most
+    128 x 128 weights (the four state matrices of a program live in registers), and, on a GPU, kernels that fit its
+    shared memory (`fits_shared_memory`)."""
     if len(weights) != 2 or act != "silu" or any(w.dtype != torch.float32 for w in weights):
         return False
     (d0, dh), (_, do) = weights[0].shape[1:], weights[1].shape[1:]
-    return all(_power_of_two(n) for n in (k.shape[2], d0, dh, do)) and d0 * dh <= 128 * 128 and dh * do <= 128 * 128
+    n = k.shape[2]
+    if not (all(_power_of_two(x) for x in (n, d0, dh, do)) and d0 * dh <= 128 * 128 and dh * do <= 128 * 128):
+        return False
+    if not k.is_cuda or interpreting():
+        return True
+    dtype = product_dtype(k)
+    return fits_shared_memory(k.device.index or 0, dtype, dot_options(dtype)["PRECISION"], n, d0, dh, do)
 
 
-def _launch_options(dh: int) -> dict:
-    return {} if interpreting() else {"num_warps": 4 if dh <= 64 else 8}
+def product_dtype(k: Tensor) -> torch.dtype:
+    """The dtype the kernels multiply in: autocast's when it is on (the reference's matmuls run in it; CUDA autocast
+    leaves the l2-normalised keys in float32), else the keys'."""
+    if torch.is_autocast_enabled(k.device.type):
+        return torch.get_autocast_dtype(k.device.type)
+    return k.dtype
+
+
+def launch_options(dh: int) -> dict:
+    """num_stages=1: the chunk loop is sequential, and pipelining it multiplies the shared-memory buffers of the
+    products (the backward at d_0 = 64, d_h = 128 in bf16 asks for 262 KB with 3 stages, 131 KB with 1)."""
+    return {} if interpreting() else {"num_warps": 4 if dh <= 64 else 8, "num_stages": 1}
+
+
+@functools.cache
+def fits_shared_memory(device_index: int, dtype: torch.dtype, precision: str, n: int, d0: int, dh: int,
+                       do: int) -> bool:
+    """Whether both kernels, compiled for this GPU (with the clip, the larger variant), ask for no more shared memory
+    than it has: the backward keeps about eight state-sized operands of its products there (at 64 x 128: 131 KB in
+    bf16, 311 KB in float32, against 227 KB on an H100 / H200)."""
+    f32 = torch.float32
+    options = dict(N=n, D0=d0, DH=dh, DO=do, CLIP=True, PRECISION=precision, UPCAST=False, **launch_options(dh))
+    with torch.cuda.device(device_index):
+        forward = _memory_scan_fwd.warmup(dtype, dtype, dtype, f32, *[f32] * 8, dtype, dtype, dtype, 2, 1.0,
+                                          grid=(1,), **options)
+        backward = _memory_scan_bwd.warmup(dtype, dtype, dtype, f32, *[f32] * 8, dtype, dtype, dtype, *[f32] * 4,
+                                           dtype, dtype, dtype, f32, 2, 1.0, grid=(1,), **options)
+    limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return max(forward.metadata.shared, backward.metadata.shared) <= limit
 
 
 class MemoryScanFunction(torch.autograd.Function):
@@ -234,7 +270,7 @@ class MemoryScanFunction(torch.autograd.Function):
         _memory_scan_fwd[(bh,)](
             k, v, end, decay, *final, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2,
             nc, float(max_norm or 0.0), N=n, D0=d0, DH=dh, DO=do, CLIP=max_norm is not None,
-            **dot_options(k.dtype), **_launch_options(dh),
+            **dot_options(k.dtype), **launch_options(dh),
         )
         ctx.save_for_backward(k, v, end, decay, w1_start, w2_start, s1_start, s2_start)
         ctx.max_norm = max_norm
@@ -254,7 +290,7 @@ class MemoryScanFunction(torch.autograd.Function):
         _memory_scan_bwd[(bh,)](
             k, v, end, decay, w1_start, w2_start, s1_start, s2_start, *grads[4:], *state_grads,
             dk, dv, dend, ddecay, nc, float(ctx.max_norm or 0.0), N=n, D0=d0, DH=dh, DO=do,
-            CLIP=ctx.max_norm is not None, **dot_options(k.dtype), **_launch_options(dh),
+            CLIP=ctx.max_norm is not None, **dot_options(k.dtype), **launch_options(dh),
         )
         return (*state_grads, dk, dv, dend, ddecay, None)
 
@@ -263,7 +299,8 @@ def memory_scan_triton(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...]
                        end: Tensor, decay: Tensor, max_surprise_norm: float | None = None) -> ScanResult:
     """`memory_scan_reference` for a 2-layer SiLU memory (see `supports`), forward and backward."""
     (w1, w2), (s1, s2) = ((t.float().contiguous() for t in pair) for pair in (weights, momentum))
-    out = MemoryScanFunction.apply(w1, w2, s1, s2, k.contiguous(), v.to(k.dtype).contiguous(),
-                                   end.to(k.dtype).contiguous(), decay.float().contiguous(), max_surprise_norm)
+    dtype = product_dtype(k)
+    k, v, end = (t.to(dtype).contiguous() for t in (k, v, end))
+    out = MemoryScanFunction.apply(w1, w2, s1, s2, k, v, end, decay.float().contiguous(), max_surprise_norm)
     w1, w2, s1, s2, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2 = out
     return ScanResult((w1, w2), (s1, s2), [w1_start, w2_start], [s1_start, s2_start], [a], [delta1, delta2])
