@@ -152,8 +152,9 @@ def test_memory_through_the_kernels_equals_the_reference(triton_scan, monkeypatc
 HOPPER_SHARED_MEMORY = 232_448  # bytes per block on an H100 / H200 (Triton's `max_shared_mem`)
 
 _COMPILE_FOR_HOPPER = """
-import inspect, json, sys
-import torch
+import inspect
+import json
+
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from shared.kernels.memory_scan import triton_scan
