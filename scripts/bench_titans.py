@@ -14,13 +14,15 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
               sequence length at a fixed number of tokens per batch (Figure 9's layout); `--compile-variants`
               (default lmm) adds rows with the memory's chunk step under torch.compile, at `--compile-lens`;
               `--graph-variants` rows replay the step as a CUDA graph, `--scan-variants` rows do so with the fused
-              Triton memory scan (`shared/kernels/memory_scan`), at `--graph-lens`.
+              Triton memory scan (`shared/kernels/memory_scan`), at `--graph-lens`; every other row runs the
+              PyTorch reference scan (the other parts take the kernels, the default on a GPU).
   chunk       the memory update alone (forward + backward): the token loop (the recurrence, b = 1) against the
               parallel chunked update (dual form eager and compiled, materialised form) at b = 64, and the loop at
               b = 64 (same math).
   scan        the memory's chunk scan alone: the fused Triton kernels of `shared/kernels/memory_scan` against the
               PyTorch reference loop, at the `tiny` and `small` memory shapes, without gradient and forward +
-              backward: max relative difference of the outputs and gradients (float32, bf16 autocast), and ms.
+              backward: each path's max relative difference of the outputs and gradients to the reference in
+              exact float32 (float32 IEEE and TF32, bf16 autocast), and ms.
   attention   FlexAttention (compiled) against the SDPA dense-mask path on the GPU, sliding window with prefix and
               MAC's segmented mask: max difference of outputs and gradients (the CPU tests compare the eager
               FlexAttention forward and a plain-math reference).
