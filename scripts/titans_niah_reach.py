@@ -125,7 +125,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--samples", type=int, default=256, help="test samples per length (at most the run's)")
     args = parser.parse_args(argv)
     model, data, cfg = load_run(args.run_dir, args.ckpt)
-    lengths = [int(v) for v in args.lengths.split(",")] if args.lengths else (data.test_lengths or [data.seq_len])
+    tested = data.test_lengths or [data.seq_len]
+    lengths = [int(v) for v in args.lengths.split(",")] if args.lengths else tested
+    if set(lengths) - set(tested):
+        raise SystemExit(f"--lengths {args.lengths}: the run tested {tested} (data.test_lengths in "
+                         f"{args.run_dir / 'config.yaml'}); {sorted(set(lengths) - set(tested))} are not among them")
     rows = reach_table(model, data, lengths, args.samples)
     print(f"{cfg['model']['net']['name']} ({args.run_dir}): S-NIAH exact match by needle reach")
     print("length  samples  accuracy  within reach (acc)  beyond reach (acc)  median distance")

@@ -269,3 +269,5 @@ def test_reach_table_splits_the_run_samples_and_counts_an_oracle_right(tmp_path,
         assert row["accuracy_beyond"] in (None, 1.0) and row["accuracy_within"] in (None, 1.0)
     with pytest.raises(SystemExit, match="config.yaml: not found"):
         reach.main([str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match=r"the run tested \[256, 1024\].*\[2048\] are not among them"):
+        reach.main([str(tmp_path), "--lengths", "256,2048"])
