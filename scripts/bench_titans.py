@@ -576,9 +576,7 @@ class Bench:
                              data: list[torch.Tensor] = data, decay: torch.Tensor = decay):
                         dtype, precision = modes[mode]
                         leaves = [x.clone().requires_grad_() for x in (*state, *(x.to(dtype) for x in data), decay)]
-                        previous = torch.get_float32_matmul_precision()
-                        torch.set_float32_matmul_precision(precision)
-                        try:
+                        with matmul_precision(precision):
                             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
                                 with torch.set_grad_enabled(train):
                                     out = impls[impl](tuple(leaves[:2]), tuple(leaves[2:4]), *leaves[4:],
@@ -587,14 +585,13 @@ class Bench:
                                 return outputs(out), None
                             loss = sum(x.float().square().mean() for x in outputs(out))
                             return outputs(out), list(torch.autograd.grad(loss, leaves))
-                        finally:
-                            torch.set_float32_matmul_precision(previous)
 
                     exact, exact_grads = scan("reference", "fp32_ieee", True)
-                    for mode, (dtype, _) in modes.items():
-                        k = data[0].to(dtype)
-                        if not supports(tuple(state[:2]), k, "silu"):
-                            row[f"{mode}_triton"] = "not supported (shared memory)"
+                    for mode, (dtype, precision) in modes.items():
+                        with matmul_precision(precision):
+                            supported = supports(tuple(state[:2]), data[0].to(dtype), "silu")
+                        if not supported:  # here: the kernels do not fit the GPU's shared memory
+                            row[f"{mode}_triton"] = "not supported (`supports`: shared memory)"
                         for impl in impls if f"{mode}_triton" not in row else ("reference",):
                             values, grads = scan(impl, mode, True)
                             row[f"{mode}_{impl}_err"] = rel_err(values, exact)
@@ -685,6 +682,17 @@ class Bench:
 
 
 SKIPPED = {"skipped": "time budget"}
+
+
+@contextlib.contextmanager
+def matmul_precision(value: str):
+    """`torch.set_float32_matmul_precision(value)` for the duration of the block ('highest': IEEE, 'high': TF32)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 @contextlib.contextmanager
