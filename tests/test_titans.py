@@ -4,6 +4,7 @@ causal, the ablation switches do what Table 5 says, configs compose, and a short
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -308,6 +309,30 @@ def test_short_training_beats_unigram():
     val = trainer.callback_metrics["val/loss"].item()
     assert data.unigram_loss is not None and math.isfinite(val)
     assert val < 0.8 * data.unigram_loss, (val, data.unigram_loss)
+
+
+@pytest.mark.slow
+def test_bench_scan_part_measures_both_paths_against_the_exact_scan(tmp_path, monkeypatch, load_script):
+    """`--parts scan` on the CPU (the kernels under the Triton interpreter): the exact float32 reference is its own
+    yardstick (difference 0), the kernels agree with it to rounding in IEEE float32, and both bf16 paths deviate by
+    bf16 rounding only; every mode that runs is timed."""
+    import json
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels need CUDA or TRITON_INTERPRET=1")
+    bench = load_script("bench_titans")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "scan", "--json", "scan.json"])
+    bench.main()
+    rows = json.loads((tmp_path / "scan.json").read_text())["scan"]["64"]
+    assert set(rows) == {"tiny", "small"}
+    for size, r in rows.items():
+        assert r["fp32_ieee_reference_err"] == 0 and r["fp32_ieee_reference_grad_err"] == 0, size
+        assert r["fp32_ieee_triton_err"] < 1e-5 and r["fp32_ieee_triton_grad_err"] < 1e-4, (size, r)
+        for impl in ("reference", "triton"):
+            assert 0 < r[f"bf16_{impl}_err"] < 5e-2 and 0 < r[f"bf16_{impl}_grad_err"] < 0.1, (size, impl, r)
+            assert r[f"bf16_train_{impl}_ms"] > 0 and r[f"fp32_tf32_eval_{impl}_ms"] > 0
 
 
 def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeypatch, capsys, load_script):
