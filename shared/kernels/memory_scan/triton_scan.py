@@ -244,12 +244,14 @@ def fits_shared_memory(device_index: int, dtype: torch.dtype, precision: str, n:
     than it has: the backward keeps about eight state-sized operands of its products there (at 64 x 128: 131 KB in
     bf16, 311 KB in float32, against 227 KB on an H100 / H200)."""
     f32 = torch.float32
+    nc = 16  # Triton specializes integers divisible by 16, as the chunk counts of power-of-two lengths >= 16 b are:
+    # the same specialization as those launches, rather than one compiled for this check alone
     options = dict(N=n, D0=d0, DH=dh, DO=do, CLIP=True, PRECISION=precision, UPCAST=False, **launch_options(dh))
     with torch.cuda.device(device_index):
-        forward = _memory_scan_fwd.warmup(dtype, dtype, dtype, f32, *[f32] * 8, dtype, dtype, dtype, 2, 1.0,
+        forward = _memory_scan_fwd.warmup(dtype, dtype, dtype, f32, *[f32] * 8, dtype, dtype, dtype, nc, 1.0,
                                           grid=(1,), **options)
         backward = _memory_scan_bwd.warmup(dtype, dtype, dtype, f32, *[f32] * 8, dtype, dtype, dtype, *[f32] * 4,
-                                           dtype, dtype, dtype, f32, 2, 1.0, grid=(1,), **options)
+                                           dtype, dtype, dtype, f32, nc, 1.0, grid=(1,), **options)
     limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
     return max(forward.metadata.shared, backward.metadata.shared) <= limit
 
