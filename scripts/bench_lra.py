@@ -18,10 +18,12 @@ weight decay 0.1, linear warm-up 1,000 then rsqrt decay, peak lr 0.05 / sqrt(100
 budget runs out. Pathfinder-32 follows its recipe (batch 512, lr 1e-3, one epoch of warm-up, cosine decay, no
 weight decay) with as many steps as the budget allows after a timed warm-up; the official run is 200 epochs of
 160k images, far more than a few minutes. For a run longer than one command, fix its schedule with `--steps`
-(62,500 is the recipe's 200 epochs): a run stopped by `--minutes` saves its whole state to $OUT/<task>_state.pt,
-and `--resume <that file>` continues it exactly (same batches, same dropout draws, same schedule). Data generation
-runs on every CPU core and its rate is printed; generated data is cached (`FORMERLAB_CACHE`, default
-~/.cache/formerlab). Training evaluates the validation split
+(62,500 is the recipe's 200 epochs): a run saves its whole state to $OUT/<task>_state.pt when `--minutes` stops
+it or it finishes, `--resume <that file>` continues a stopped run exactly (same batches, same dropout draws, same
+schedule) and `--init-from <that file>` starts another run from its weights (the easy-to-hard curriculum). Data
+generation runs on every CPU core and its rate is printed; generated data is cached (`FORMERLAB_CACHE`, default
+~/.cache/formerlab). `--augment dihedral` shows each Pathfinder training image under a random one of the square's eight
+symmetries (not in the paper; the label does not change). Training evaluates the validation split
 every `--eval-every` steps and reports the test accuracy of the best-validation weights (the official protocol) next
 to that of the final weights.
 
@@ -463,10 +465,12 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     state = torch.load(args.resume, map_location=device, weights_only=True) if args.resume else None
     if state is not None:
         total_steps = args.steps or state["total_steps"]
-        if state["total_steps"] != total_steps or state["seed"] != args.seed or state["model"] != model_name:
+        saved_augment = state.get("augment", "none")  # states saved before --augment existed had none
+        if (state["total_steps"] != total_steps or state["seed"] != args.seed or state["model"] != model_name
+                or saved_augment != args.augment):
             raise SystemExit(f"--resume {args.resume}: saved for {state['model']}, seed {state['seed']}, "
-                             f"{state['total_steps']} steps; this run is {model_name}, seed {args.seed}, "
-                             f"{total_steps} steps")
+                             f"{state['total_steps']} steps, augment {saved_augment}; this run is {model_name}, "
+                             f"seed {args.seed}, {total_steps} steps, augment {args.augment}")
         for _ in range(state["step"] // steps_per_epoch):  # replay the epochs' shuffles, so the data order resumes
             torch.randperm(len(train_data), generator=generator)
 
@@ -477,8 +481,14 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
 
     it = stream(state["step"] % steps_per_epoch if state else 0)
 
-    def step(scheduler=None) -> torch.Tensor:
+    orders = torch.from_numpy(tasks.dihedral_orders(32)).to(device) if args.augment == "dihedral" else None
+
+    def step(scheduler=None, number: int = 0) -> torch.Tensor:
         tokens, labels = next(it)
+        if orders is not None:  # symmetry k of example i drawn from (seed, step), so --resume redraws the same
+            draw = torch.Generator().manual_seed(args.seed * 1_000_003 + number)
+            which = torch.randint(len(orders), (len(tokens),), generator=draw).to(device)
+            tokens = tokens.gather(1, orders[which])  # (B, 1024): each image re-read in its symmetry's order
         with autocast(device, not args.fp32):
             loss = F.cross_entropy(model(tokens).float(), labels)
         loss.backward()
@@ -549,7 +559,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     t0 = t_log = time.time()
     losses, done, diverged = [], first - 1, None
     for done in range(first, total_steps + 1):
-        losses.append(step(scheduler))
+        losses.append(step(scheduler, done))
         if done % args.log_every == 0:
             window = torch.stack(losses[-args.log_every:])
             now = time.time()
@@ -571,16 +581,18 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
             print(f"budget of {args.minutes} min reached at step {done}")
             break
     train_seconds = time.time() - t0
-    if os.environ.get("OUT") and done < total_steps and diverged is None:
+    if os.environ.get("OUT") and diverged is None:  # finished runs too: their weights can start the next level
         path = Path(os.environ["OUT"]) / f"{args.train}_state.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model_name, "seed": args.seed, "total_steps": total_steps, "step": done,
+                    "augment": args.augment,
                     "weights": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "cpu_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                     "val_history": val_history, "best_val": best_val, "best_step": best_step,
                     "best_weights": best_state}, path)
-        print(f"stopped at step {done} of {total_steps}: state saved to {path} (continue with --resume)")
+        print(f"stopped at step {done} of {total_steps}: state saved to {path} (continue with --resume)"
+              if done < total_steps else f"finished: state saved to {path} (warm-start with --init-from)")
     final_accuracy = evaluate(model, test_data, eval_batch, device, not args.fp32)
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -601,6 +613,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
             "val_history": val_history, "eval_every": args.eval_every,
             "steps": done, "train_seconds": train_seconds, "first_non_finite_step": diverged,
             "device": str(device), "batch_size": batch_size, "train_examples": len(data["train"]),
+            "augment": args.augment,
             "majority": float(counts.max() / counts.sum())}
 
 
@@ -632,6 +645,8 @@ def main() -> None:
                         help="start from the weights of a saved $OUT/<task>_state.pt (fresh optimiser and schedule)")
     parser.add_argument("--probe-cnn", action="store_true",
                         help="with --train pathfinder32: train a small CNN on the same data (is it learnable?)")
+    parser.add_argument("--augment", choices=["none", "dihedral"], default="none",
+                        help="Pathfinder: show each training image under a random one of the square's 8 symmetries")
     parser.add_argument("--grad-clip", type=float, default=0.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--pad-multiple", type=int, default=128,
@@ -663,6 +678,8 @@ def main() -> None:
             parser.error("--probe-cnn needs --train pathfinder32")
         result, key = probe_pathfinder(args, device), "pathfinder32_cnn_probe"
     elif args.train:
+        if args.augment != "none" and args.train != "pathfinder32":
+            parser.error("--augment dihedral is for --train pathfinder32")
         result, key = train(args, device), args.train
     else:
         result, key = bench_speed(args, device), "speed"

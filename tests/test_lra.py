@@ -19,7 +19,7 @@ from projects.lra import model as lra_model
 from projects.lra import tasks
 from projects.lra.data import LRADataModule
 from shared.data.synthetic import listops, pathfinder
-from shared.lit.errors import DatasetError
+from shared.lit.errors import ConfigError, DatasetError
 from tests.test_attention import record_sdpa_calls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,6 +387,49 @@ def test_datamodule_generates_caches_and_batches(tmp_path):
     assert len(cached) == 1 and len(listops.read_tsv(cached[0])) == 12
 
 
+def test_dihedral_orders_are_the_eight_symmetries_and_keep_every_path_a_path():
+    """The eight pixel orders are numpy's rotations and transposes of the image, all different, closed under
+    composition, and each maps 8-neighbouring pixels to 8-neighbours (so two markers joined by a path stay joined
+    and unjoined ones stay apart: the Pathfinder label does not change)."""
+    side = 5
+    orders = tasks.dihedral_orders(side)
+    image = np.arange(side * side).reshape(side, side) * 7 % 23
+    expected = [np.rot90(image, k) for k in range(4)] + [np.rot90(image.T, k) for k in range(4)]
+    assert all(np.array_equal(image.reshape(-1)[order], e.reshape(-1)) for order, e in zip(orders, expected))
+    assert np.array_equal(orders[0], np.arange(side * side))
+    as_tuples = {tuple(order) for order in orders}
+    assert len(as_tuples) == 8 and all(tuple(a[b]) in as_tuples for a in orders for b in orders)
+    y, x = np.divmod(np.arange(side * side), side)
+    chebyshev = np.maximum(abs(y[:, None] - y[None]), abs(x[:, None] - x[None]))  # between raster positions
+    for order in orders:  # pixel j of the transformed image is pixel order[j] of the original
+        assert np.array_equal(chebyshev[order][:, order], chebyshev)
+    swapped = np.arange(side * side)
+    swapped[[0, 1]] = 1, 0  # not a symmetry: the check can fail
+    assert not np.array_equal(chebyshev[swapped][:, swapped], chebyshev)
+
+
+def test_dihedral_augmentation_draws_from_the_sample_seed_on_training_images_only(tmp_path):
+    images = np.arange(2 * 16, dtype=np.uint8).reshape(2, 16)
+    dataset = tasks.SequenceDataset(images, [0, 1], augment_side=4)
+    draws = [dataset[(1, seed)] for seed in range(40)]
+    seen = {tuple(d["inputs"].tolist()) for d in draws}
+    assert seen == {tuple(images[1][order]) for order in tasks.dihedral_orders(4)}
+    assert all(int(d["targets"]) == 1 for d in draws)
+    assert dataset[(1, 5)]["inputs"].tolist() == dataset[(1, 5)]["inputs"].tolist()  # a function of the key
+    with pytest.raises(ValueError, match="example 0 has 9 tokens, not the 16 pixels"):
+        tasks.SequenceDataset([np.zeros(9)], [0], augment_side=4)[(0, 1)]
+
+    dm = LRADataModule(task="pathfinder32", batch_size=4, num_train=8, num_val=4, num_test=4,
+                       difficulty="curv_baseline", cache_dir=str(tmp_path), augment="dihedral")
+    dm.setup("fit")
+    assert dm.datasets["train"].orders is not None and dm.datasets["val"].orders is None
+    assert dm.datasets["test"].orders is None
+    with pytest.raises(ConfigError, match="data.augment=dihedral is for the Pathfinder images, not the listops"):
+        LRADataModule(task="listops", augment="dihedral")
+    with pytest.raises(ConfigError, match="data.augment='flip' is not null or 'dihedral'"):
+        LRADataModule(task="pathfinder32", augment="flip")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs, the results table and training
 
@@ -532,11 +575,35 @@ def test_bench_warm_start_loads_the_saved_weights_of_the_same_model_only(tmp_pat
     warm = run("warm", "--steps", "2", "--minutes", "5", "--seed", "1",
                "--init-from", str(tmp_path / "easy" / "pathfinder32_state.pt"))
     assert len(fresh) == len(warm) == 1 and fresh != warm
+    finished = torch.load(tmp_path / "fresh" / "pathfinder32_state.pt", weights_only=True)  # the next level's start
+    assert finished["step"] == finished["total_steps"] == 2
     monkeypatch.setattr("sys.argv", ["bench", "--train", "pathfinder32", "--quick", "--workers", "1",
                                      "--init-from", str(tmp_path / "easy" / "pathfinder32_state.pt")])
     with pytest.raises(SystemExit, match="weights of pathfinder32_transformer_nystromformer, this run trains "
                                          "pathfinder32_transformer"):
         bench.main()
+
+
+def test_bench_augmentation_is_part_of_the_saved_state(tmp_path, monkeypatch, capsys, load_script):
+    """`--augment dihedral` trains (the symmetries drawn per step), is recorded in the state, and a resume without
+    it is refused by name, as is the augmentation of ListOps."""
+    bench = load_script("bench_lra")
+    monkeypatch.setenv("FORMERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OUT", str(tmp_path / "aug"))
+    common = ["bench", "--train", "pathfinder32", "--recipe", "nystromformer", "--quick", "--workers", "1",
+              "--steps", "3"]
+    monkeypatch.setattr("sys.argv", common + ["--augment", "dihedral", "--minutes", "1e-9"])
+    bench.main()
+    saved = torch.load(tmp_path / "aug" / "pathfinder32_state.pt", weights_only=True)
+    assert saved["augment"] == "dihedral" and saved["step"] == 1
+    assert json.loads((tmp_path / "aug" / "bench_lra.json").read_text())["pathfinder32"]["augment"] == "dihedral"
+    monkeypatch.setattr("sys.argv", common + ["--resume", str(tmp_path / "aug" / "pathfinder32_state.pt")])
+    with pytest.raises(SystemExit, match="augment dihedral; this run is .* augment none"):
+        bench.main()
+    monkeypatch.setattr("sys.argv", ["bench", "--train", "listops", "--quick", "--augment", "dihedral"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--augment dihedral is for --train pathfinder32" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -32,13 +32,15 @@ class LRADataModule(pl.LightningDataModule):
         max_length), e.g. shorter expressions for a laptop run.
     generation_workers: processes that generate Pathfinder images (the result does not depend on it).
     cache_dir: where generated data is kept (default: $FORMERLAB_CACHE or ~/.cache/formerlab).
+    augment: None, or "dihedral" (Pathfinder only): each training draw shows its image under one of the eight
+        symmetries of the square, which leave the label (are the markers joined?) unchanged. Not in the paper.
     """
 
     def __init__(self, task: str = "listops", source: str = "embedded", root: str | None = None,
                  batch_size: int = 32, num_workers: int = 0, seed: int = 0, max_length: int | None = None,
                  difficulty: str = "curv_contour_length_14", num_train: int = 96_000, num_val: int = 2_000,
                  num_test: int = 2_000, listops_generator: dict | None = None, generation_workers: int = 1,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, augment: str | None = None) -> None:
         super().__init__()
         self.info = tasks.task_info(task)
         if source not in ("embedded", "real"):
@@ -47,7 +49,12 @@ class LRADataModule(pl.LightningDataModule):
             key = "pathfinder" if task.startswith("pathfinder") else task
             raise DatasetError(f"the {task} task has no offline data; set data.source=real and data.root to "
                                f"{tasks.DOWNLOADS[key]}")
+        if augment not in (None, "dihedral"):
+            raise ConfigError(f"data.augment={augment!r} is not null or 'dihedral'")
+        if augment and task not in tasks.PATHFINDER_RESOLUTIONS:
+            raise ConfigError(f"data.augment=dihedral is for the Pathfinder images, not the {task} task")
         self.task, self.source, self.root = task, source, root
+        self.augment = augment
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.max_length, self.difficulty = max_length, difficulty
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
@@ -77,6 +84,10 @@ class LRADataModule(pl.LightningDataModule):
                                             difficulty=self.difficulty)
         else:
             self.datasets = self._generated()
+        if self.augment:
+            train = self.datasets["train"]
+            self.datasets["train"] = tasks.SequenceDataset(train.sequences, train.labels,
+                                                           augment_side=tasks.PATHFINDER_RESOLUTIONS[self.task])
 
     def _loader(self, split: str) -> DataLoader:
         return make_loader(self.datasets[split], self.batch_size, train=split == "train", seed=self.seed,

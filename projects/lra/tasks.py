@@ -87,22 +87,40 @@ def encode_bytes(text: bytes, max_length: int) -> np.ndarray:
 # Datasets
 
 
+def dihedral_orders(side: int) -> np.ndarray:
+    """The eight symmetries of a `side` x `side` image (four rotations by 90 degrees, each with and without a
+    transpose) as pixel orders, (8, side * side): `pixels[orders[k]]` is the raster-order image under symmetry k
+    (k = 0 is the identity). Whether Pathfinder's two markers are joined does not change under any of them."""
+    grid = np.arange(side * side).reshape(side, side)
+    return np.stack([np.rot90(g, k).reshape(-1) for g in (grid, grid.T) for k in range(4)])
+
+
 class SequenceDataset(Dataset):
-    """Token sequences (one array each) with integer labels; `pairs` holds the second documents (retrieval)."""
+    """Token sequences (one array each) with integer labels; `pairs` holds the second documents (retrieval).
+
+    `augment_side`: the sequences are `side` x `side` images in raster order (Pathfinder), and each draw of an
+    example shows it under one of the eight symmetries of the square, drawn from the sample's seed
+    (`dihedral_orders`); None: every draw is the example as stored."""
 
     def __init__(self, sequences: Sequence[np.ndarray], labels: Sequence[int],
-                 pairs: Sequence[np.ndarray] | None = None) -> None:
+                 pairs: Sequence[np.ndarray] | None = None, augment_side: int | None = None) -> None:
         if len(sequences) != len(labels) or (pairs is not None and len(pairs) != len(labels)):
             raise ValueError("sequences, pairs and labels must have the same length")
         self.sequences, self.labels, self.pairs = sequences, np.asarray(labels, dtype=np.int64), pairs
+        self.orders = None if augment_side is None else dihedral_orders(augment_side)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
-        index, _ = sample_rng(key)  # no augmentation: only the index matters
-        item = {"inputs": torch.as_tensor(np.asarray(self.sequences[index], dtype=np.int64)),
-                "targets": torch.tensor(self.labels[index])}
+        index, rng = sample_rng(key)
+        sequence = np.asarray(self.sequences[index], dtype=np.int64)
+        if self.orders is not None:
+            if len(sequence) != self.orders.shape[1]:
+                raise ValueError(f"example {index} has {len(sequence)} tokens, not the {self.orders.shape[1]} "
+                                 f"pixels of the images the dihedral augmentation was set up for")
+            sequence = sequence[self.orders[rng.integers(len(self.orders))]]
+        item = {"inputs": torch.as_tensor(sequence), "targets": torch.tensor(self.labels[index])}
         if self.pairs is not None:
             item["inputs1"] = item.pop("inputs")
             item["inputs2"] = torch.as_tensor(np.asarray(self.pairs[index], dtype=np.int64))
