@@ -23,6 +23,11 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
               PyTorch reference loop, at the `tiny` and `small` memory shapes, without gradient and forward +
               backward: each path's max relative difference of the outputs and gradients to the reference in
               exact float32 (float32 IEEE and TF32, bf16 autocast), and ms.
+  profile     where a training step's time goes (torch.profiler), per variant of `--profile-variants` at
+              `--profile-len`, eager with the default memory scan: the step's wall time against the device's busy
+              time (the difference is launch and Python overhead, what a CUDA graph removes), the kernels by kind
+              (memory scan, attention, matmul, optimizer, elementwise and reductions) and the operators that cost
+              the most device time. Not in the default `--parts`.
   attention   FlexAttention (compiled) against the SDPA dense-mask path on the GPU, sliding window with prefix and
               MAC's segmented mask: max difference of outputs and gradients (the CPU tests compare the eager
               FlexAttention forward and a plain-math reference).
@@ -51,6 +56,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -71,7 +77,15 @@ from shared.lit.flops import peak_tflops  # noqa: E402
 
 VARIANTS = ("transformer", "lmm", "mac", "mag", "mal")
 PART_SHARE = {"lm": 0.28, "ablation": 0.2, "niah": 0.17, "throughput": 0.22, "chunk": 0.08, "scan": 0.05,
-              "attention": 0.05}
+              "attention": 0.05, "profile": 0.1}
+# The profile part's kinds of work, matched in order against a kernel's name (GPU) or an operator's (CPU).
+WORK_KINDS = (
+    ("memory scan", r"_memory_scan_(fwd|bwd)"),
+    ("attention", r"flash|fmha|attention|flex|triton_tem_|_efficient_attention|cudnn"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::(mm|bmm|addmm|baddbmm|matmul|linear)\b"),
+    ("optimizer", r"multi_tensor|adam|_foreach"),
+    ("elementwise / reduction", r"."),
+)
 ABLATIONS = {  # Table 5: (name, overrides of the LMM base, paper ppl at 400M / 15B)
     "LMM": ({}, 27.01),
     "Linear Memory": ({"memory": {"depth": 1}}, 28.49),
@@ -385,8 +399,10 @@ class Bench:
             correct += int(((pred == y) | ~target).all(-1).sum())
         return correct / self.args.niah_eval
 
-    def step_time(self, model: TitansLM, batch: int, seq_len: int, iters: int, cuda_graph: bool = False) -> float:
-        """Median seconds of one training step (forward, backward, AdamW) after two warm-up steps.
+    def step_time(self, model: TitansLM, batch: int, seq_len: int, iters: int, cuda_graph: bool = False,
+                  profiler: torch.profiler.profile | None = None) -> float:
+        """Median seconds of one training step (forward, backward, AdamW) after two warm-up steps; `profiler.step()`
+        is called after every step, the warm-up ones included.
 
         `cuda_graph`: the whole step captured once as a CUDA graph and replayed (PyTorch's whole-network capture),
         which removes the launch and Python overhead of the chunk loop's many small kernels but not their work.
@@ -429,6 +445,8 @@ class Bench:
             self.sync()
             if i >= 2:
                 times.append(time.perf_counter() - t)
+            if profiler is not None:
+                profiler.step()
         if cuda_graph and torch.equal(before, probe):
             raise RuntimeError("the replayed CUDA graph did not update the weights")
         return float(np.median(times))
@@ -626,6 +644,45 @@ class Bench:
                     print(line)
         print_errors(self.results["scan"])
 
+    def part_profile(self) -> None:
+        """One training step per variant, profiled: wall time (unprofiled), device busy time, work by kind and the
+        costliest operators (by the device time of the kernels they launch; on the CPU, by their own time)."""
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        a = self.args
+        cuda = self.device.type == "cuda"
+        seq_len, batch = a.profile_len, max(1, a.tokens_per_batch // a.profile_len)
+        for variant in a.profile_variants:
+            if self.out_of_time():
+                self.record(("profile", variant), SKIPPED)
+                continue
+            try:
+                model = self.model(variant, max_len=seq_len, attn_backend=a.attn_backend)
+                wall = self.step_time(model, batch, seq_len, a.iters)
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                steps = schedule(wait=0, warmup=2, active=a.profile_steps, repeat=1)  # step_time's warm-up, then
+                with profile(activities=activities, schedule=steps) as prof:
+                    self.step_time(model, batch, seq_len, a.profile_steps, profiler=prof)
+                row = {"step_s": wall, "batch": batch, "tokens_per_s": batch * seq_len / wall,
+                       **profile_summary(prof.key_averages(), a.profile_steps, wall, cuda)}
+            except Exception as exc:
+                row = self.failure(exc)
+            model = None
+            self.free()
+            self.record(("profile", variant), row)
+        print(f"\nWhere a training step goes (T={seq_len}, batch {batch}; eager, {'device' if cuda else 'CPU'} "
+              "time per step): wall ms, busy %, then each kind's share")
+        for variant, r in self.results["profile"].items():
+            if "kinds" not in r:
+                print(f"{variant:12s} {status(r)}")
+                continue
+            busy = f"{100 * r['busy_fraction']:5.1f}" if r["busy_fraction"] is not None else "  -  "
+            print(f"{variant:12s} {1e3 * r['step_s']:8.1f} {busy}  " +
+                  "  ".join(f"{kind}: {100 * k['share']:.0f}%" for kind, k in r["kinds"].items()))
+            for op in r["top_ops"][:5]:
+                print(f"{'':14s}{100 * op['share']:5.1f}%  {op['calls_per_step']:6.0f} calls  {op['name'][:90]}")
+        print_errors({"profile": self.results["profile"]})
+
     def part_attention(self) -> None:
         """Compiled FlexAttention vs the SDPA dense-mask path (values and gradients), on the GPU only."""
         from shared.blocks.attention.segmented import segmented_attention
@@ -728,6 +785,42 @@ def print_errors(table: dict[Any, dict[Any, dict[str, Any]]]) -> None:
                 print(f"  error {outer} {key}: {row['error']}")
 
 
+def work_kind(name: str) -> str:
+    return next(kind for kind, pattern in WORK_KINDS if re.search(pattern, name, re.IGNORECASE))
+
+
+def profile_summary(events, steps: int, wall_s: float, cuda: bool, top: int = 12) -> dict[str, Any]:
+    """Per-step numbers of a profile's averaged events. On a GPU the kernels (events on the device) give the busy
+    time and the kinds, and the CPU operators are ranked by the device time of the kernels they launch themselves;
+    on the CPU the operators' own times stand in for both."""
+    device_events = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU] if cuda else []
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and not e.key.startswith("ProfilerStep")]
+
+    def seconds(e) -> float:  # microseconds in the profile, summed over the profiled steps
+        return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6 / steps
+
+    work = device_events if cuda else ops
+    total = sum(seconds(e) for e in work) or float("nan")
+    kinds: dict[str, dict[str, float]] = {kind: {"s_per_step": 0.0, "launches_per_step": 0.0} for kind, _ in WORK_KINDS}
+    for e in work:
+        kind = kinds[work_kind(e.key)]
+        kind["s_per_step"] += seconds(e)
+        kind["launches_per_step"] += e.count / steps
+    for kind in kinds.values():
+        kind["share"] = kind["s_per_step"] / total
+    ranked = sorted((e for e in ops if seconds(e) > 0), key=seconds, reverse=True)[:top]
+    summary = {"busy_s": total if cuda else None, "busy_fraction": total / wall_s if cuda else None,
+               "kinds": kinds,
+               "top_ops": [{"name": e.key, "s_per_step": seconds(e), "share": seconds(e) / total,
+                            "calls_per_step": e.count / steps} for e in ranked]}
+    if cuda:
+        summary["kernels_per_step"] = sum(e.count for e in device_events) / steps
+        summary["top_kernels"] = [{"name": e.key, "s_per_step": seconds(e), "share": seconds(e) / total,
+                                   "launches_per_step": e.count / steps}
+                                  for e in sorted(device_events, key=seconds, reverse=True)[:top]]
+    return summary
+
+
 def kendall_tau(a: list[str], b: list[str]) -> float:
     """Rank agreement of two orderings of the same items (1: identical, -1: reversed)."""
     pos = {k: i for i, k in enumerate(b)}
@@ -774,6 +867,10 @@ def main() -> None:
                    help="lengths of those rows")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "flex", "sdpa"], help="throughput part")
     p.add_argument("--train-backend", default="sdpa", choices=["auto", "flex", "sdpa"], help="quality parts")
+    p.add_argument("--profile-variants", type=lambda s: [x for x in s.split(",") if x],
+                   default=["transformer", "lmm", "mac", "mag"], help="profile part")
+    p.add_argument("--profile-len", type=int, default=4096, help="profile part: sequence length")
+    p.add_argument("--profile-steps", type=int, default=3, help="profile part: profiled training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x], default=list(VARIANTS),
                    help="models of the lm / niah / throughput parts (comma-separated)")
@@ -782,14 +879,17 @@ def main() -> None:
     if p.parse_known_args()[0].quick:  # tiny defaults; flags given explicitly still win
         p.set_defaults(steps=3, batch=2, seq_len=64, val_batches=1, chunk=16, niah_steps=2, niah_batch=2,
                        niah_train_len=256, niah_lengths=[256, 512], niah_eval=2, seq_lens=[64, 128],
-                       tokens_per_batch=256, iters=1, chunk_lens=[64], chunk_iters=1, compile_lens=[64])
+                       tokens_per_batch=256, iters=1, chunk_lens=[64], chunk_iters=1, compile_lens=[64],
+                       profile_len=128, profile_steps=1)
     args = p.parse_args()
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch._dynamo.config.cache_size_limit = 64  # compiled FlexAttention / chunk step per mask and shape
-    if set(args.variants) - set(VARIANTS):
-        p.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
+    for flag in ("variants", "profile_variants"):
+        if set(getattr(args, flag)) - set(VARIANTS):
+            p.error(f"--{flag.replace('_', '-')}: unknown {sorted(set(getattr(args, flag)) - set(VARIANTS))}; "
+                    f"choose from {list(VARIANTS)}")
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = [x for x in parts if x not in PART_SHARE]
     if unknown:

@@ -335,6 +335,44 @@ def test_bench_scan_part_measures_both_paths_against_the_exact_scan(tmp_path, mo
             assert r[f"bf16_train_{impl}_ms"] > 0 and r[f"fp32_tf32_eval_{impl}_ms"] > 0
 
 
+def test_profile_kinds_name_the_kernels_a_titans_step_launches(load_script):
+    """Kernel names as an H200 profile shows them (the fused scan, cuDNN / flash / FlexAttention, cuBLAS, fused
+    AdamW, ATen and Inductor elementwise kernels) and CPU operators fall in the kind a reader expects."""
+    bench = load_script("bench_titans")
+    kinds = {"_memory_scan_fwd": "memory scan", "_memory_scan_bwd": "memory scan",
+             "flash_fwd_kernel": "attention", "cudnn_generated_fort_native_sdpa_sm90_knob_7": "attention",
+             "triton_tem_fused_0": "attention", "nvjet_tst_128x64_64x8_2x1_v_bz_coopA_NNT": "matmul",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+             "aten::bmm": "matmul", "aten::addmm": "matmul", "aten::mm": "matmul",
+             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+             "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>": "elementwise / reduction",
+             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+             "triton_poi_fused_mul_sigmoid_0": "elementwise / reduction", "aten::mul": "elementwise / reduction",
+             "aten::linalg_vector_norm": "elementwise / reduction"}
+    assert {name: bench.work_kind(name) for name in kinds} == kinds
+
+
+def test_bench_profile_part_accounts_for_the_whole_step(tmp_path, monkeypatch, load_script):
+    """`--parts profile` on the CPU: each variant's kinds share all of the profiled time, its costliest operators
+    are ranked and within it, and a Transformer++ step's costliest operator is a matrix product."""
+    import json
+
+    bench = load_script("bench_titans")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "profile", "--profile-variants", "transformer,mag",
+                                     "--profile-len", "64", "--json", "profile.json"])
+    bench.main()
+    rows = json.loads((tmp_path / "profile.json").read_text())["profile"]
+    assert set(rows) == {"transformer", "mag"}
+    for variant, r in rows.items():
+        assert r["step_s"] > 0 and r["busy_fraction"] is None, variant  # no device: CPU times, no busy fraction
+        assert sum(k["share"] for k in r["kinds"].values()) == pytest.approx(1.0), variant
+        assert r["kinds"]["matmul"]["launches_per_step"] > 0 and r["kinds"]["memory scan"]["share"] == 0, variant
+        shares = [op["share"] for op in r["top_ops"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9, variant
+    assert bench.work_kind(rows["transformer"]["top_ops"][0]["name"]) == "matmul"
+
+
 def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeypatch, capsys, load_script):
     """The GPU benchmark's bookkeeping on the CPU: items past the budget are "skipped", a failing variant is an
     "error" with its reason (after the SDPA fallback), the others run (MAG / MAL at 4 x 32 tokens), and the JSON
