@@ -26,8 +26,8 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
   profile     where a training step's time goes (torch.profiler), per variant of `--profile-variants` at
               `--profile-len`, eager with the default memory scan: the step's wall time against the device's busy
               time (the difference is launch and Python overhead, what a CUDA graph removes), the kernels by kind
-              (memory scan, attention, matmul, optimizer, elementwise and reductions) and the operators that cost
-              the most device time. Not in the default `--parts`.
+              (memory scan, attention, matmul, optimizer, elementwise / reductions / copies) and the operators
+              that cost the most device time. Not in the default `--parts`.
   attention   FlexAttention (compiled) against the SDPA dense-mask path on the GPU, sliding window with prefix and
               MAC's segmented mask: max difference of outputs and gradients (the CPU tests compare the eager
               FlexAttention forward and a plain-math reference).
@@ -84,7 +84,7 @@ WORK_KINDS = (
     ("attention", r"flash|fmha|attention|flex|triton_tem_|_efficient_attention|cudnn"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::(mm|bmm|addmm|baddbmm|matmul|linear)\b"),
     ("optimizer", r"multi_tensor|adam|_foreach"),
-    ("elementwise / reduction", r"."),
+    ("elementwise, reductions, copies", r"."),
 )
 ABLATIONS = {  # Table 5: (name, overrides of the LMM base, paper ppl at 400M / 15B)
     "LMM": ({}, 27.01),

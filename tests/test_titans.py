@@ -339,16 +339,16 @@ def test_profile_kinds_name_the_kernels_a_titans_step_launches(load_script):
     """Kernel names as an H200 profile shows them (the fused scan, cuDNN / flash / FlexAttention, cuBLAS, fused
     AdamW, ATen and Inductor elementwise kernels) and CPU operators fall in the kind a reader expects."""
     bench = load_script("bench_titans")
+    other = "elementwise, reductions, copies"
     kinds = {"_memory_scan_fwd": "memory scan", "_memory_scan_bwd": "memory scan",
              "flash_fwd_kernel": "attention", "cudnn_generated_fort_native_sdpa_sm90_knob_7": "attention",
-             "triton_tem_fused_0": "attention", "nvjet_tst_128x64_64x8_2x1_v_bz_coopA_NNT": "matmul",
-             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
-             "aten::bmm": "matmul", "aten::addmm": "matmul", "aten::mm": "matmul",
+             "triton_tem_fused_0": "attention", "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+             "nvjet_tst_128x64_64x8_2x1_v_bz_coopA_NNT": "matmul", "aten::bmm": "matmul", "aten::addmm": "matmul",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul", "aten::mm": "matmul",
              "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
-             "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>": "elementwise / reduction",
-             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
-             "triton_poi_fused_mul_sigmoid_0": "elementwise / reduction", "aten::mul": "elementwise / reduction",
-             "aten::linalg_vector_norm": "elementwise / reduction"}
+             "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>": other,
+             "triton_poi_fused_mul_sigmoid_0": other, "aten::mul": other, "aten::linalg_vector_norm": other,
+             "Memcpy DtoD (Device -> Device)": other}
     assert {name: bench.work_kind(name) for name in kinds} == kinds
 
 
