@@ -481,7 +481,9 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
 
     it = stream(state["step"] % steps_per_epoch if state else 0)
 
-    orders = torch.from_numpy(tasks.dihedral_orders(32)).to(device) if args.augment == "dihedral" else None
+    orders = None  # main() allows --augment dihedral for Pathfinder only
+    if args.augment == "dihedral":
+        orders = torch.from_numpy(tasks.dihedral_orders(tasks.PATHFINDER_RESOLUTIONS[args.train])).to(device)
 
     def step(scheduler=None, number: int = 0) -> torch.Tensor:
         tokens, labels = next(it)

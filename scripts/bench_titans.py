@@ -808,16 +808,17 @@ def profile_summary(events, steps: int, wall_s: float, cuda: bool, top: int = 12
         kind["launches_per_step"] += e.count / steps
     for kind in kinds.values():
         kind["share"] = kind["s_per_step"] / total
-    ranked = sorted((e for e in ops if seconds(e) > 0), key=seconds, reverse=True)[:top]
+
+    def costliest(candidates, per_step: str) -> list[dict[str, Any]]:
+        ranked = sorted((e for e in candidates if seconds(e) > 0), key=seconds, reverse=True)[:top]
+        return [{"name": e.key, "s_per_step": seconds(e), "share": seconds(e) / total, per_step: e.count / steps}
+                for e in ranked]
+
     summary = {"busy_s": total if cuda else None, "busy_fraction": total / wall_s if cuda else None,
-               "kinds": kinds,
-               "top_ops": [{"name": e.key, "s_per_step": seconds(e), "share": seconds(e) / total,
-                            "calls_per_step": e.count / steps} for e in ranked]}
+               "kinds": kinds, "top_ops": costliest(ops, "calls_per_step")}
     if cuda:
         summary["kernels_per_step"] = sum(e.count for e in device_events) / steps
-        summary["top_kernels"] = [{"name": e.key, "s_per_step": seconds(e), "share": seconds(e) / total,
-                                   "launches_per_step": e.count / steps}
-                                  for e in sorted(device_events, key=seconds, reverse=True)[:top]]
+        summary["top_kernels"] = costliest(device_events, "launches_per_step")
     return summary
 
 
