@@ -793,8 +793,11 @@ def profile_summary(events, steps: int, wall_s: float, cuda: bool, top: int = 12
     """Per-step numbers of a profile's averaged events. On a GPU the kernels (events on the device) give the busy
     time and the kinds, and the CPU operators are ranked by the device time of the kernels they launch themselves;
     on the CPU the operators' own times stand in for both."""
-    device_events = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU] if cuda else []
-    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and not e.key.startswith("ProfilerStep")]
+    # The schedule's step annotation ("ProfilerStep#n") spans the whole step on the device's timeline too; it is no
+    # kernel, and counting it would put the busy time above the wall time.
+    measured = [e for e in events if not e.key.startswith("ProfilerStep")]
+    device_events = [e for e in measured if e.device_type != torch.autograd.DeviceType.CPU] if cuda else []
+    ops = [e for e in measured if e.device_type == torch.autograd.DeviceType.CPU]
 
     def seconds(e) -> float:  # microseconds in the profile, summed over the profiled steps
         return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6 / steps

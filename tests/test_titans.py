@@ -352,6 +352,30 @@ def test_profile_kinds_name_the_kernels_a_titans_step_launches(load_script):
     assert {name: bench.work_kind(name) for name in kinds} == kinds
 
 
+def test_profile_summary_leaves_the_step_annotation_out_of_the_device_time(load_script):
+    """On a GPU the profiler also records its "ProfilerStep#n" annotation on the device's timeline, spanning the
+    whole step: it is not a kernel, so the busy time is the kernels' alone and stays within the wall time."""
+    from types import SimpleNamespace
+
+    bench = load_script("bench_titans")
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(key, device_type, device_us, count=1):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
+                               self_cpu_time_total=0.0, count=count)
+
+    events = [event("ProfilerStep*", gpu, 200_000.0, 2), event("ProfilerStep*", cpu, 0.0, 2),
+              event("_memory_scan_bwd", gpu, 60_000.0, 4), event("sm90_xmma_gemm_bf16bf16", gpu, 20_000.0, 8),
+              event("aten::mm", cpu, 20_000.0, 8), event("MemoryScanFunctionBackward", cpu, 60_000.0, 4)]
+    summary = bench.profile_summary(events, steps=2, wall_s=0.05, cuda=True)
+    assert summary["busy_s"] == pytest.approx(0.04) and summary["busy_fraction"] == pytest.approx(0.8)
+    assert summary["kernels_per_step"] == 6
+    assert [k["name"] for k in summary["top_kernels"]] == ["_memory_scan_bwd", "sm90_xmma_gemm_bf16bf16"]
+    assert summary["kinds"]["memory scan"]["share"] == pytest.approx(0.75)
+    assert summary["kinds"]["elementwise, reductions, copies"]["s_per_step"] == 0
+    assert [op["name"] for op in summary["top_ops"]] == ["MemoryScanFunctionBackward", "aten::mm"]
+
+
 def test_bench_profile_part_accounts_for_the_whole_step(tmp_path, monkeypatch, load_script):
     """`--parts profile` on the CPU: each variant's kinds share all of the profiled time, its costliest operators
     are ranked and within it, and a Transformer++ step's costliest operator is a matrix product."""
