@@ -11,11 +11,12 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
   niah        S-NIAH passkey (Table 2's PK): the lm models are fine-tuned briefly on 1K-byte samples and tested
               at 1K, 2K, 4K, 8K bytes (exact match of the 7-digit value).
   throughput  training tokens/s and MFU (bf16) of every variant against Transformer++, and tokens/s against the
-              sequence length at a fixed number of tokens per batch (Figure 9's layout); `--compile-variants`
-              (default lmm) adds rows with the memory's chunk step under torch.compile, at `--compile-lens`;
-              `--graph-variants` rows replay the step as a CUDA graph, `--scan-variants` rows do so with the fused
-              Triton memory scan (`shared/kernels/memory_scan`), at `--graph-lens`; every other row runs the
-              PyTorch reference scan (the other parts take the kernels, the default on a GPU).
+              sequence length at a fixed number of tokens per batch (Figure 9's layout). `--variants` rows run
+              eager with the PyTorch reference scan at every `--seq-lens`; `--rows` adds rows at `--row-lens`
+              named <variant>+<flags>, the flags any of `compile` (the memory's work around the scan under
+              torch.compile, `compile_step`), `scan` (the fused Triton memory scan, `shared/kernels/memory_scan`;
+              GPU only) and `graph` (the whole step replayed as a CUDA graph; GPU only), e.g. `mag+scan+graph`
+              (the other parts take the kernels, the default on a GPU).
   chunk       the memory update alone (forward + backward): the token loop (the recurrence, b = 1) against the
               parallel chunked update (dual form eager and compiled, materialised form) at b = 64, and the loop at
               b = 64 (same math).
@@ -24,7 +25,8 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
               backward: each path's max relative difference of the outputs and gradients to the reference in
               exact float32 (float32 IEEE and TF32, bf16 autocast), and ms.
   profile     where a training step's time goes (torch.profiler), per variant of `--profile-variants` at
-              `--profile-len`, eager with the default memory scan: the step's wall time against the device's busy
+              `--profile-len` (<variant> or <variant>+compile), with the default memory scan (the kernels on a
+              GPU), not graphed: the step's wall time against the device's busy
               time (the difference is launch and Python overhead, what a CUDA graph removes), the kernels by kind
               (memory scan, attention, matmul, optimizer, elementwise / reductions / copies) and the operators
               that cost the most device time. Not in the default `--parts`.
@@ -76,6 +78,7 @@ from shared.data.synthetic.niah import IGNORE, niah_batch, word_list  # noqa: E4
 from shared.lit.flops import peak_tflops  # noqa: E402
 
 VARIANTS = ("transformer", "lmm", "mac", "mag", "mal")
+ROW_FLAGS = ("compile", "scan", "graph")  # `--rows` names: <variant>+<flag>+..., see the module docstring
 PART_SHARE = {"lm": 0.28, "ablation": 0.2, "niah": 0.17, "throughput": 0.22, "chunk": 0.08, "scan": 0.05,
               "attention": 0.05, "profile": 0.1}
 # The profile part's kinds of work, matched in order against a kernel's name (GPU) or an operator's (CPU).
@@ -452,31 +455,30 @@ class Bench:
         return float(np.median(times))
 
     def part_throughput(self) -> None:
-        """Every variant at every length, shortest first (a run out of time loses the longest lengths of every
-        variant, not whole variants); then the rows with the memory's chunk step compiled."""
+        """Every `--variants` row at every length, shortest first (a run out of time loses the longest lengths of
+        every variant, not whole variants); the `--rows` rows at their lengths."""
         a = self.args
-        rows = [(v, v, {}) for v in a.variants] + [
-            (f"{v}+compile", v, {"memory": {"compile_step": True}}) for v in a.compile_variants if v in VARIANTS]
+        rows = [(v, v, set()) for v in a.variants] + [(name, *parse_row(name)) for name in a.rows]
         cuda = self.device.type == "cuda"
-        graph_rows = {f"{v}+graph" for v in a.graph_variants if v in VARIANTS} if cuda else set()
-        scan_rows = {f"{v}+scan+graph" for v in a.scan_variants if v in VARIANTS} if cuda else set()
-        graph_rows |= scan_rows
-        rows += [(name, name.removesuffix("+graph").removesuffix("+scan"), {}) for name in sorted(graph_rows)]
-        for seq_len in a.seq_lens:
+        for seq_len in sorted(set(a.seq_lens) | set(a.row_lens)):
             batch = max(1, a.tokens_per_batch // seq_len)
-            for name, variant, extra in rows:
-                if (extra and seq_len not in a.compile_lens) or (name in graph_rows and seq_len not in a.graph_lens):
+            for name, variant, flags in rows:
+                if seq_len not in (a.row_lens if flags else a.seq_lens):
+                    continue
+                if flags & {"scan", "graph"} and not cuda:
+                    self.record(("throughput", name, seq_len), {"skipped": "needs a GPU"})
                     continue
                 if self.out_of_time():
                     self.record(("throughput", name, seq_len), SKIPPED)
                     continue
+                extra = {"memory": {"compile_step": True}} if "compile" in flags else {}
                 row: dict[str, Any] = {}
                 failed = ""
                 for backend in dict.fromkeys([a.attn_backend, "sdpa"]):  # FlexAttention, else the SDPA path
                     try:
                         model = self.model(variant, max_len=seq_len, attn_backend=backend, **extra)
-                        with scan_backend("auto" if name in scan_rows else "reference"):
-                            sec = self.step_time(model, batch, seq_len, a.iters, cuda_graph=name in graph_rows)
+                        with scan_backend("auto" if "scan" in flags else "reference"):
+                            sec = self.step_time(model, batch, seq_len, a.iters, cuda_graph="graph" in flags)
                         flops = 3 * self.forward_flops(variant, seq_len) * batch
                         row = {"tokens_per_s": batch * seq_len / sec, "step_s": sec, "batch": batch,
                                "tflops": flops / sec / 1e12, "backend": backend,
@@ -496,17 +498,18 @@ class Bench:
         table = self.results["throughput"]
         print(f"\nTraining throughput, bf16, {a.tokens_per_batch} tokens per batch (Figure 9 layout): "
               "ktokens/s (MFU %), ratio to Transformer++")
-        print(f"{'model':16s} " + " ".join(f"{'T=' + str(t):>20s}" for t in a.seq_lens))
+        lengths = sorted(set(a.seq_lens) | set(a.row_lens))
+        print(f"{'model':20s} " + " ".join(f"{'T=' + str(t):>20s}" for t in lengths))
         for name, by_len in table.items():
             cells = []
-            for t in a.seq_lens:
+            for t in lengths:
                 r, base = by_len.get(t, {}), table.get("transformer", {}).get(t, {})
                 if "tokens_per_s" not in r:
                     cells.append(f"{status(r)[:20]:>20s}")
                     continue
                 ratio = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else float("nan")
                 cells.append(f"{r['tokens_per_s'] / 1e3:8.1f} ({100 * r['mfu']:4.1f}) x{ratio:4.2f}")
-            print(f"{name:16s} " + " ".join(cells))
+            print(f"{name:20s} " + " ".join(cells))
         print_errors(table)
 
     def part_chunk(self) -> None:
@@ -657,7 +660,9 @@ class Bench:
                 self.record(("profile", variant), SKIPPED)
                 continue
             try:
-                model = self.model(variant, max_len=seq_len, attn_backend=a.attn_backend)
+                base, flags = parse_row(variant)
+                extra = {"memory": {"compile_step": True}} if "compile" in flags else {}
+                model = self.model(base, max_len=seq_len, attn_backend=a.attn_backend, **extra)
                 wall = self.step_time(model, batch, seq_len, a.iters)
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
                 steps = schedule(wait=0, warmup=2, active=a.profile_steps, repeat=1)  # step_time's warm-up, then
@@ -670,7 +675,7 @@ class Bench:
             model = None
             self.free()
             self.record(("profile", variant), row)
-        print(f"\nWhere a training step goes (T={seq_len}, batch {batch}; eager, {'device' if cuda else 'CPU'} "
+        print(f"\nWhere a training step goes (T={seq_len}, batch {batch}; no CUDA graph, {'device' if cuda else 'CPU'} "
               "time per step): wall ms, busy %, then each kind's share")
         for variant, r in self.results["profile"].items():
             if "kinds" not in r:
@@ -768,6 +773,15 @@ def scan_backend(value: str):
             os.environ[ENV_VAR] = before
 
 
+def parse_row(name: str) -> tuple[str, set[str]]:
+    """'mag+scan+graph' -> ('mag', {'scan', 'graph'}): a `--rows` name, checked."""
+    variant, *flags = name.split("+")
+    if variant not in VARIANTS or set(flags) - set(ROW_FLAGS) or len(set(flags)) != len(flags):
+        raise ValueError(f"row {name!r}: expected <variant>[+flag...] with a variant of {list(VARIANTS)} and "
+                         f"distinct flags of {list(ROW_FLAGS)}")
+    return variant, set(flags)
+
+
 def status(row: dict[str, Any]) -> str:
     """A table cell for an item without numbers: 'skipped' (budget), 'error: <reason>' or '-' (not asked for)."""
     if not row:
@@ -858,17 +872,11 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--chunk-lens", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048])
     p.add_argument("--chunk-iters", type=int, default=2)
-    p.add_argument("--compile-variants", type=lambda s: [x for x in s.split(",") if x], default=["lmm"],
-                   help="throughput rows with the memory's chunk step compiled ('' for none)")
-    p.add_argument("--compile-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024],
-                   help="lengths of those rows (each length compiles anew, ~a minute)")
-    p.add_argument("--graph-variants", type=lambda s: [x for x in s.split(",") if x], default=[],
-                   help="throughput rows with the whole training step replayed as a CUDA graph (GPU only)")
-    p.add_argument("--scan-variants", type=lambda s: [x for x in s.split(",") if x], default=[],
-                   help="throughput rows <variant>+scan+graph: the step as a CUDA graph with the fused Triton memory "
-                        "scan (compare with the +graph rows of --graph-variants), at --graph-lens")
-    p.add_argument("--graph-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024],
-                   help="lengths of those rows")
+    p.add_argument("--rows", type=lambda s: [x for x in s.split(",") if x], default=["lmm+compile"],
+                   help="throughput rows <variant>+<flag>+... with flags compile, scan, graph ('' for none; "
+                        "e.g. lmm+scan+graph,mag+scan+compile)")
+    p.add_argument("--row-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024],
+                   help="lengths of the --rows rows (a compile row compiles anew at each, ~a minute)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "flex", "sdpa"], help="throughput part")
     p.add_argument("--train-backend", default="sdpa", choices=["auto", "flex", "sdpa"], help="quality parts")
     p.add_argument("--profile-variants", type=lambda s: [x for x in s.split(",") if x],
@@ -883,17 +891,22 @@ def main() -> None:
     if p.parse_known_args()[0].quick:  # tiny defaults; flags given explicitly still win
         p.set_defaults(steps=3, batch=2, seq_len=64, val_batches=1, chunk=16, niah_steps=2, niah_batch=2,
                        niah_train_len=256, niah_lengths=[256, 512], niah_eval=2, seq_lens=[64, 128],
-                       tokens_per_batch=256, iters=1, chunk_lens=[64], chunk_iters=1, compile_lens=[64],
+                       tokens_per_batch=256, iters=1, chunk_lens=[64], chunk_iters=1, row_lens=[64],
                        profile_len=128, profile_steps=1)
     args = p.parse_args()
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch._dynamo.config.cache_size_limit = 64  # compiled FlexAttention / chunk step per mask and shape
-    for flag in ("variants", "profile_variants"):
-        if set(getattr(args, flag)) - set(VARIANTS):
-            p.error(f"--{flag.replace('_', '-')}: unknown {sorted(set(getattr(args, flag)) - set(VARIANTS))}; "
-                    f"choose from {list(VARIANTS)}")
+    if set(args.variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
+    for flag, allowed in (("rows", set(ROW_FLAGS)), ("profile_variants", {"compile"})):
+        for name in getattr(args, flag):
+            try:
+                if parse_row(name)[1] - allowed:
+                    raise ValueError(f"row {name!r}: flags here are {sorted(allowed)}")
+            except ValueError as exc:
+                p.error(f"--{flag.replace('_', '-')}: {exc}")
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = [x for x in parts if x not in PART_SHARE]
     if unknown:

@@ -397,6 +397,20 @@ def test_bench_profile_part_accounts_for_the_whole_step(tmp_path, monkeypatch, l
     assert bench.work_kind(rows["transformer"]["top_ops"][0]["name"]) == "matmul"
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--rows", "lmm+graph+scan,gpt+scan", "row 'gpt+scan'"),
+    ("--rows", "mag+scan+scan", "row 'mag+scan+scan'"),
+    ("--rows", "mag+fused", "row 'mag+fused'"),
+    ("--profile-variants", "mag+graph", "flags here are ['compile']"),
+])
+def test_bench_rejects_a_bad_row_name_naming_it(flag, value, message, monkeypatch, capsys, load_script):
+    bench = load_script("bench_titans")
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "throughput", flag, value])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert message in capsys.readouterr().err
+
+
 def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeypatch, capsys, load_script):
     """The GPU benchmark's bookkeeping on the CPU: items past the budget are "skipped", a failing variant is an
     "error" with its reason (after the SDPA fallback), the others run (MAG / MAL at 4 x 32 tokens), and the JSON
@@ -424,9 +438,10 @@ def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeyp
 
     monkeypatch.setattr(bench.Bench, "model", model)
     monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "throughput", "--seq-lens", "32",
-                                     "--tokens-per-batch", "128", "--compile-variants", ""])
+                                     "--tokens-per-batch", "128", "--rows", "mag+scan+graph", "--row-lens", "32"])
     bench.main()
     table = json.loads((out / "titans.json").read_text())["throughput"]
+    assert table["mag+scan+graph"]["32"] == {"skipped": "needs a GPU"}
     assert table["lmm"]["32"]["error"] == "RuntimeError: no such kernel"
     assert all(table[v]["32"]["tokens_per_s"] > 0 for v in ("transformer", "mac", "mag", "mal"))
     assert "lmm" in written[-1]["throughput"] and "mag" in written[-1]["throughput"]  # before MAL ran
