@@ -130,12 +130,19 @@ def test_dispatcher_takes_the_kernels_on_cuda_by_default(triton_scan, monkeypatc
 def test_memory_through_the_kernels_equals_the_reference(triton_scan, monkeypatch):
     """The whole neural memory (gates, scan, reads) with the Triton scan gives the reference's reads, and the same
     gradients for every parameter of the memory (the outer loop trains through the kernels' backward). 50 tokens:
-    three whole chunks of 16 through the kernels, a ragged chunk of 2 through the reference."""
+    padded to four whole chunks of 16, all through the kernels in one call (no ragged chunk left to the reference)."""
     from projects.titans.memory import NeuralMemory
 
     torch.manual_seed(0)
     memory = NeuralMemory(dim=32, num_heads=2, depth=2, chunk_size=16, max_surprise_norm=1.0).to(DEVICE)
     x = torch.randn(2, 50, 32, device=DEVICE)
+    chosen, real_backend = [], ms.backend
+
+    def recording_backend(*args) -> str:
+        chosen.append(real_backend(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(ms, "backend", recording_backend)
 
     def run(backend: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         monkeypatch.setenv(ms.ENV_VAR, backend)
@@ -144,6 +151,7 @@ def test_memory_through_the_kernels_equals_the_reference(triton_scan, monkeypatc
 
     expected, expected_grads = run("reference")
     got, got_grads = run("triton")
+    assert chosen == ["reference", "triton"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for (name, _), g, e in zip(memory.named_parameters(), got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5, msg=name)

@@ -165,6 +165,23 @@ def test_compiled_chunk_step_equals_eager():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["lmm", "mac"])
+def test_compile_step_model_equals_eager(variant):
+    """A whole model with `compile_step` (projections, gates, coefficients, reads and output through torch.compile;
+    MAC: two segments, the second with the conv caches, and a ragged one) gives the eager logits and gradients."""
+    torch.manual_seed(0)
+    models = [build_titans(variant, "tiny", max_len=256, memory={"compile_step": c}).double() for c in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randint(0, 256, (2, 150))
+    outs = []
+    for model in models:
+        logits = model(x)
+        outs.append([logits, *torch.autograd.grad(logits.square().mean(), list(model.parameters()))])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_neural_memory_layer_impls_agree_and_learn_in_context():
     torch.manual_seed(0)
     layer = NeuralMemory(16, num_heads=2, depth=2, chunk_size=4).double()

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import cache
 from typing import NamedTuple
 
@@ -160,7 +161,7 @@ class ChunkCoefficients(NamedTuple):
         M_i = A_i M_0 + sum_{j<=i} L_A[i, j] S_j,              L_A[i, j] = prod_{j<m<=i} (1 - alpha_m), A_i likewise
 
     so that M_i = A_i M_0 + D_i S_0 - sum_{j<=i} K[i, j] theta_j u_j with K = L_A L_E and D = L_A E.
-    Shapes (BH, n, n) and (BH, n); float32 at least.
+    Shapes (BH, n, n) and (BH, n); float32 at least, autocast or not.
     """
 
     theta: Tensor
@@ -187,8 +188,11 @@ def scan_coefficients(gates: Gates) -> ChunkCoefficients:
     else:
         log_keep = gates.log_keep.to(kw["dtype"])
         l_keep, a = segsum(log_keep).exp(), log_keep.cumsum(-1).exp()
-    d = (l_keep @ e[..., None])[..., 0]
-    return ChunkCoefficients(theta.to(kw["dtype"]), l_eta, e, l_keep, a, l_keep @ l_eta, d)
+    device = theta.device.type  # products of up to b gates: not in bf16 (flop counts' meta device has no autocast)
+    with torch.autocast(device, enabled=False) if device != "meta" else nullcontext():
+        d = (l_keep @ e[..., None])[..., 0]
+        k = l_keep @ l_eta
+    return ChunkCoefficients(theta.to(kw["dtype"]), l_eta, e, l_keep, a, k, d)
 
 
 def chunk_pieces(t: int, chunk_size: int) -> list[tuple[slice, int]]:
@@ -245,6 +249,46 @@ def memory_chunked_materialized(state: MemoryState, k: Tensor, v: Tensor, q: Ten
     return torch.cat(reads, dim=1), MemoryState(tuple(weights), tuple(momentum))
 
 
+class DualCoefficients(NamedTuple):
+    """What the dual form needs from the gates, for chunks of n tokens (BH, nc, ...): `end` (BH, nc, n, 2) and
+    `decay` (BH, nc, 3) for the scan (`shared.kernels.memory_scan`), and the read coefficients `read_k`
+    (BH, nc, n, n) = -2 K[i, j] theta_j, `read_a`, `read_d` (BH, nc, n, 1) of `dual_reads`."""
+
+    end: Tensor
+    decay: Tensor
+    read_k: Tensor
+    read_a: Tensor
+    read_d: Tensor
+
+
+def chunk_end_rows(x: Tensor, last_row: int) -> Tensor:
+    """Row n - 1 of every chunk of x (BH, nc, n, ...), except row `last_row` of the last chunk (the last real
+    token of a sequence padded to whole chunks): (BH, nc, ...)."""
+    ends = x[:, :, -1]
+    if last_row == x.shape[2] - 1:
+        return ends
+    return torch.cat([ends[:, :-1], x[:, -1:, last_row]], dim=1)
+
+
+def dual_coefficients(gates: Gates, chunk_size: int, last_row: int, retrieve: str, dtype: torch.dtype,
+                      ) -> DualCoefficients:
+    """The gates (BH, nc * n) of whole chunks -> `DualCoefficients` in `dtype` (the decays in float32 at least);
+    the last chunk ends at its row `last_row` (`chunk_end_rows`)."""
+    c = scan_coefficients(Gates(*(None if g is None else g.unflatten(1, (-1, chunk_size)) for g in gates)))
+    step = -2 * c.theta  # (BH, nc, n): the descent's minus and the squared loss's 2 (deltas are those of l / 2)
+    end = (torch.stack([chunk_end_rows(c.k, last_row), chunk_end_rows(c.l_eta, last_row)], dim=-1)
+           * step[..., None]).to(dtype)  # (BH, nc, n, 2)
+    decay = torch.stack([chunk_end_rows(x, last_row) for x in (c.a, c.d, c.e)], dim=-1)  # (BH, nc, 3): A_n, D_n, E_n
+    if retrieve == "after":
+        read_k, read_a, read_d = c.k, c.a, c.d
+    else:  # M_{i-1}: shift every coefficient down one token; M_{-1} of the chunk is M_0
+        read_k = F.pad(c.k, (0, 0, 1, 0))[..., :-1, :]
+        read_a = F.pad(c.a, (1, 0), value=1.0)[..., :-1]
+        read_d = F.pad(c.d, (1, 0))[..., :-1]
+    return DualCoefficients(end, decay, (read_k * step[..., None, :]).to(dtype), read_a[..., None].to(dtype),
+                            read_d[..., None].to(dtype))
+
+
 def dual_reads(h: Tensor, w0: Sequence[Tensor], s0: Sequence[Tensor], inputs: Sequence[Tensor],
                deltas: Sequence[Tensor], read_k: Tensor, read_a: Tensor, read_d: Tensor, act: str) -> Tensor:
     """The reads of every chunk at once, given each chunk's start state and factors (`memory_chunked_dual`).
@@ -269,39 +313,32 @@ def memory_chunked_dual(state: MemoryState, k: Tensor, v: Tensor, q: Tensor, gat
                         act: str = "silu", retrieve: str = "after", max_surprise_norm: float | None = None,
                         compile_step: bool = False) -> tuple[Tensor, MemoryState]:
     """The chunked update without per-token weights (module docstring). Same arguments and results as
-    `memory_recurrent_reference`; `compile_step=True` runs the chunk step and the reads through `torch.compile`.
+    `memory_recurrent_reference`; `compile_step=True` runs everything but the scan (the coefficients before it,
+    the reads after it, and the reference scan's chunk step) through `torch.compile`.
 
     With u_j = 2 a_j^T delta_j per layer and M_i = A_i M_0 + D_i S_0 - sum_{j<=i} K[i, j] theta_j u_j
     (`ChunkCoefficients`), a read h_i M_i of the layer's input h_i is
         A_i (h_i M_0) + D_i (h_i S_0) - sum_j 2 K[i, j] theta_j (h_i . a_j) delta_j   (b x b matmuls, layer by layer).
     Only the chunk-end states are sequential (`shared.kernels.memory_scan`: a few matmuls per chunk, or fused Triton
-    kernels with `FORMERLAB_MEMORY_SCAN=auto` on a GPU); the coefficients before the scan and the reads after it
-    (`dual_reads`) are batched over all chunks.
+    kernels on a GPU); the coefficients before the scan and the reads after it (`dual_reads`) are batched over all
+    chunks. A sequence that is not a whole number of chunks is padded with zero tokens at its end: row i of a chunk
+    depends on tokens j <= i only, so the real tokens' reads are unchanged, and the last chunk's end state is taken
+    at its last real token; one pass over whole chunks replaces a second one for a ragged remainder.
     """
-    advance, read = (_compiled(dual_advance), _compiled(dual_reads)) if compile_step else (dual_advance, dual_reads)
-    weights, momentum = state
-    reads = []
-    for sl, n in chunk_pieces(k.shape[1], chunk_size):
-        c = scan_coefficients(Gates(*(None if g is None else chunked(g, sl, n) for g in gates)))  # (BH, nc, n[, n])
-        step = -2 * c.theta  # (BH, nc, n): the descent's minus and the squared loss's 2 (deltas are those of l / 2)
-        end = (torch.stack([c.k[..., -1, :], c.l_eta[..., -1, :]], dim=-1) * step[..., None]).to(k.dtype)
-        decay = torch.stack([c.a[..., -1], c.d[..., -1], c.e[..., -1]], dim=-1)  # (BH, nc, 3): A_n, D_n, E_n
-        k_c, v_c = chunked(k, sl, n), chunked(v, sl, n)  # (BH, nc, n, d)
-        scan = memory_scan(weights, momentum, k_c, v_c, end, decay, act, max_surprise_norm, advance)
-        weights, momentum = scan.weights, scan.momentum
-        if retrieve == "after":
-            read_k, read_a, read_d = c.k, c.a, c.d
-        else:  # M_{i-1}: shift every coefficient down one token; M_{-1} of the chunk is M_0
-            read_k = F.pad(c.k, (0, 0, 1, 0))[..., :-1, :]
-            read_a = F.pad(c.a, (1, 0), value=1.0)[..., :-1]
-            read_d = F.pad(c.d, (1, 0))[..., :-1]
-        h = chunked(q, sl, n)  # (BH, nc, n, d)
-        dt = h.dtype
-        inputs = [k_c] + scan.inputs  # layer 1's inputs are the keys themselves
-        h = read(h, scan.w0, scan.s0, inputs, scan.deltas, (read_k * step[..., None, :]).to(dt),
-                 read_a[..., None].to(dt), read_d[..., None].to(dt), act)
-        reads.append(h.flatten(1, 2))  # (BH, nc * n, d_out)
-    return torch.cat(reads, dim=1), MemoryState(weights, momentum)
+    coefficients, advance, read = ((_compiled(dual_coefficients), _compiled(dual_advance), _compiled(dual_reads))
+                                   if compile_step else (dual_coefficients, dual_advance, dual_reads))
+    t = k.shape[1]
+    pad = -t % chunk_size
+    if pad:
+        k, v, q = (F.pad(x, (0, 0, 0, pad)) for x in (k, v, q))  # (BH, T + pad, d)
+        gates = Gates(*(None if g is None else F.pad(g, (0, pad)) for g in gates))  # theta 0, gates 1: no write
+    c = coefficients(gates, chunk_size, (t - 1) % chunk_size, retrieve, k.dtype)
+    k_c, v_c = k.unflatten(1, (-1, chunk_size)), v.unflatten(1, (-1, chunk_size))  # (BH, nc, n, d)
+    scan = memory_scan(state.weights, state.momentum, k_c, v_c, c.end, c.decay, act, max_surprise_norm, advance)
+    h = q.unflatten(1, (-1, chunk_size))  # (BH, nc, n, d)
+    inputs = [k_c] + scan.inputs  # layer 1's inputs are the keys themselves
+    h = read(h, scan.w0, scan.s0, inputs, scan.deltas, c.read_k, c.read_a, c.read_d, act)  # (BH, nc, n, d_out)
+    return h.flatten(1, 2)[:, :t], MemoryState(scan.weights, scan.momentum)
 
 
 MEMORY_IMPLS = {"dual": memory_chunked_dual, "materialized": memory_chunked_materialized,
@@ -367,8 +404,9 @@ class NeuralMemory(nn.Module):
             the step a chunk's b stale gradients can take where the memory's curvature has grown (README, "S-NIAH").
         retrieve: "after" (y_t = M_t^*(q_t), x_t already written) or "before" (M_{t-1}^*); the paper does not say.
         impl: "dual" | "materialized" | "reference" (see the module docstring; all compute the same numbers).
-        compile_step: `torch.compile` the dual form's chunk step and reads (fuses their small kernels; the first
-            call compiles, about a minute).
+        compile_step: `torch.compile` the work around the dual form's scan: the projections, convolutions, norms
+            and gates (`write_inputs`), the coefficients, the reads, the output gate (`output`), and the reference
+            scan's chunk step (fuses their small kernels; the first call compiles, 20-60 s).
     """
 
     def __init__(self, dim: int, num_heads: int = 4, head_dim: int | None = None, depth: int = 2,
@@ -453,16 +491,23 @@ class NeuralMemory(nn.Module):
         return k, v, (ck, cv)
 
     def gates(self, x: Tensor) -> Gates:
-        """theta_t, log eta_t, log(1 - alpha_t) of the tokens x (B, T, dim), each (BH, T), in float32."""
+        """theta_t, log eta_t, log(1 - alpha_t) of the tokens x (B, T, dim), each (BH, T), in float32 at least."""
 
         def per_head(t: Tensor) -> Tensor:
-            return t.float().transpose(1, 2).reshape(-1, t.shape[1])  # (B, T, H) -> (BH, T)
+            t = t.to(torch.promote_types(t.dtype, torch.float32))
+            return t.transpose(1, 2).reshape(-1, t.shape[1])  # (B, T, H) -> (BH, T)
 
         theta = self.theta_max * torch.sigmoid(per_head(self.to_theta(x)))
         log_eta = (math.log(self.eta_max) + F.logsigmoid(per_head(self.to_eta(x)))
                    if self.to_eta is not None else None)
         log_keep = F.logsigmoid(-per_head(self.to_alpha(x))) if self.to_alpha is not None else None
         return Gates(theta, log_eta, log_keep)
+
+    def write_inputs(self, x: Tensor, cache: tuple | None = None) -> tuple[Tensor, Tensor, Tensor, Gates, tuple]:
+        """Everything eqs. 11-15 need from the tokens x (B, T, dim): q_t, k_t, v_t (each (BH, T, d)), the gates,
+        and the conv caches (q, k, v) for the next piece of the sequence. Through torch.compile with
+        `compile_step` (the projections, convolutions, norms and gates fuse)."""
+        return (_compiled(_write_inputs) if self.compile_step else _write_inputs)(self, x, cache)
 
     def initial_state(self, batch: int) -> MemoryState:
         """M_0 (the learned initial weights) and S_0 = 0 for a batch of sequences: (B*H, d_l, d_{l+1}) each."""
@@ -480,19 +525,32 @@ class NeuralMemory(nn.Module):
         return memory_recall(state, q, self.act)
 
     def output(self, reads: Tensor, x: Tensor) -> Tensor:
-        """W_O (RMSNorm(reads) * SiLU(x W_G)): reads (BH, T, d), x (B, T, dim) -> (B, T, dim)."""
-        b, n, _ = x.shape
-        y = self.out_norm(reads).view(b, self.num_heads, n, self.head_dim)  # (B, H, T, d)
-        y = y.transpose(1, 2).reshape(b, n, -1)  # (B, T, H*d)
-        return self.to_out(y * F.silu(self.to_gate(x)))
+        """W_O (RMSNorm(reads) * SiLU(x W_G)): reads (BH, T, d), x (B, T, dim) -> (B, T, dim); through
+        torch.compile with `compile_step`."""
+        return (_compiled(_output) if self.compile_step else _output)(self, reads, x)
 
     def forward(self, x: Tensor) -> Tensor:
         """The LMM over a whole sequence from M_0: (B, T, dim) -> (B, T, dim)."""
-        q, _ = self.queries(x)
-        k, v, _ = self.keys_values(x)
-        reads, _ = self.memorize(self.initial_state(x.shape[0]), k, v, q, self.gates(x))
+        q, k, v, gates, _ = self.write_inputs(x)
+        reads, _ = self.memorize(self.initial_state(x.shape[0]), k, v, q, gates)
         return self.output(reads, x)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.num_heads}x{self.head_dim}, depth={self.depth}, chunk={self.chunk_size}, "
                 f"momentum={self.momentum}, forgetting={self.forgetting}, retrieve={self.retrieve}, impl={self.impl}")
+
+
+def _write_inputs(memory: NeuralMemory, x: Tensor, cache: tuple | None) -> tuple[Tensor, Tensor, Tensor, Gates, tuple]:
+    """`NeuralMemory.write_inputs` (a function, so that one compiled graph serves every layer)."""
+    cq, ck, cv = cache if cache is not None else (None, None, None)
+    q, cq = memory.queries(x, cq)
+    k, v, (ck, cv) = memory.keys_values(x, (ck, cv))
+    return q, k, v, memory.gates(x), (cq, ck, cv)
+
+
+def _output(memory: NeuralMemory, reads: Tensor, x: Tensor) -> Tensor:
+    """`NeuralMemory.output`."""
+    b, n, _ = x.shape
+    y = memory.out_norm(reads).view(b, memory.num_heads, n, memory.head_dim)  # (B, H, T, d)
+    y = y.transpose(1, 2).reshape(b, n, -1)  # (B, T, H*d)
+    return memory.to_out(y * F.silu(memory.to_gate(x)))

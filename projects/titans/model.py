@@ -128,15 +128,14 @@ class Block(nn.Module):
         mem = self.memory
         q_x, _ = mem.queries(h)  # (BH, T, d): q_t = S(t) W_Q for every segment at once (depends on x only)
         state = mem.initial_state(h.shape[0])
-        kv_cache = q_cache = None
+        cache = None
         outputs = []
         for start in range(0, h.shape[1], self.segment_len):
             seg = h[:, start:start + self.segment_len]  # S(t): (B, C, dim)
             h_t = mem.output(mem.recall(state, q_x[:, start:start + self.segment_len]), seg)  # eq. 21: (B, C, dim)
             y = self.attn(seg, memory=h_t, persistent=self.persistent)  # eqs. 22-23
-            k, v, kv_cache = mem.keys_values(y, kv_cache)
-            q_y, q_cache = mem.queries(y, q_cache)
-            reads, state = mem.memorize(state, k, v, q_y, mem.gates(y))  # eq. 24, and M*_t(y_t) token by token
+            q_y, k, v, gates, cache = mem.write_inputs(y, cache)
+            reads, state = mem.memorize(state, k, v, q_y, gates)  # eq. 24, and M*_t(y_t) token by token
             outputs.append(self.combine(y, mem.output(reads, y)))  # eq. 25
         return torch.cat(outputs, dim=1)
 

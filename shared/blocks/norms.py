@@ -26,8 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics whatever the autocast dtype; the gain is applied in the input dtype as in LLaMA.
-        y = F.rms_norm(x.float(), (self.dim,), eps=self.eps).type_as(x)
+        # statistics in float32 at least, whatever the autocast dtype; the gain is applied in the input dtype (LLaMA).
+        y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (self.dim,), eps=self.eps).type_as(x)
         return y * self.weight.to(x.dtype) if self.weight is not None else y
 
     def extra_repr(self) -> str:
