@@ -395,7 +395,7 @@ def test_profile_summary_leaves_the_step_annotation_out_of_the_device_time(load_
 
 def test_bench_profile_part_accounts_for_the_whole_step(tmp_path, monkeypatch, load_script):
     """`--parts profile` on the CPU: each variant's kinds share all of the profiled time, its costliest operators
-    are ranked and within it, and a Transformer++ step's costliest operator is a matrix product."""
+    are ranked and within it, and kernels and operators fall in the right kinds."""
     import json
 
     bench = load_script("bench_titans")
@@ -411,7 +411,13 @@ def test_bench_profile_part_accounts_for_the_whole_step(tmp_path, monkeypatch, l
         assert r["kinds"]["matmul"]["launches_per_step"] > 0 and r["kinds"]["memory scan"]["share"] == 0, variant
         shares = [op["share"] for op in r["top_ops"]]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9, variant
-    assert bench.work_kind(rows["transformer"]["top_ops"][0]["name"]) == "matmul"
+    # Kernel and operator names as the H200 and CPU profiles report them, each in its kind (which operator costs the
+    # most CPU time at these tiny sizes depends on the machine's load, so that is not asserted).
+    copy = "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda"
+    kinds = {"_memory_scan_bwd": "memory scan", "triton_tem_fused_flex_attention_backward_1": "attention",
+             "nvjet_sm90_tst_32x64_64x16_4x2_h_bz_NTN": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul",
+             "multi_tensor_apply_kernel": "optimizer", copy: "elementwise, reductions, copies"}
+    assert {name: bench.work_kind(name) for name in kinds} == kinds
 
 
 @pytest.mark.parametrize("flag,value,message", [
