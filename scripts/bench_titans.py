@@ -471,7 +471,7 @@ class Bench:
                 if self.out_of_time():
                     self.record(("throughput", name, seq_len), SKIPPED)
                     continue
-                extra = {"memory": {"compile_step": True}} if "compile" in flags else {}
+                extra = row_overrides(flags)
                 row: dict[str, Any] = {}
                 failed = ""
                 for backend in dict.fromkeys([a.attn_backend, "sdpa"]):  # FlexAttention, else the SDPA path
@@ -661,8 +661,7 @@ class Bench:
                 continue
             try:
                 base, flags = parse_row(variant)
-                extra = {"memory": {"compile_step": True}} if "compile" in flags else {}
-                model = self.model(base, max_len=seq_len, attn_backend=a.attn_backend, **extra)
+                model = self.model(base, max_len=seq_len, attn_backend=a.attn_backend, **row_overrides(flags))
                 wall = self.step_time(model, batch, seq_len, a.iters)
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
                 steps = schedule(wait=0, warmup=2, active=a.profile_steps, repeat=1)  # step_time's warm-up, then
@@ -780,6 +779,11 @@ def parse_row(name: str) -> tuple[str, set[str]]:
         raise ValueError(f"row {name!r}: expected <variant>[+flag...] with a variant of {list(VARIANTS)} and "
                          f"distinct flags of {list(ROW_FLAGS)}")
     return variant, set(flags)
+
+
+def row_overrides(flags: set[str]) -> dict[str, Any]:
+    """The model overrides of a row's flags: `compile` is the memory's `compile_step` (the others act on the run)."""
+    return {"memory": {"compile_step": True}} if "compile" in flags else {}
 
 
 def status(row: dict[str, Any]) -> str:

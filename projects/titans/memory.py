@@ -507,7 +507,7 @@ class NeuralMemory(nn.Module):
         """Everything eqs. 11-15 need from the tokens x (B, T, dim): q_t, k_t, v_t (each (BH, T, d)), the gates,
         and the conv caches (q, k, v) for the next piece of the sequence. Through torch.compile with
         `compile_step` (the projections, convolutions, norms and gates fuse)."""
-        return (_compiled(_write_inputs) if self.compile_step else _write_inputs)(self, x, cache)
+        return self._compiled_if_asked(_write_inputs)(self, x, cache)
 
     def initial_state(self, batch: int) -> MemoryState:
         """M_0 (the learned initial weights) and S_0 = 0 for a batch of sequences: (B*H, d_l, d_{l+1}) each."""
@@ -527,13 +527,16 @@ class NeuralMemory(nn.Module):
     def output(self, reads: Tensor, x: Tensor) -> Tensor:
         """W_O (RMSNorm(reads) * SiLU(x W_G)): reads (BH, T, d), x (B, T, dim) -> (B, T, dim); through
         torch.compile with `compile_step`."""
-        return (_compiled(_output) if self.compile_step else _output)(self, reads, x)
+        return self._compiled_if_asked(_output)(self, reads, x)
 
     def forward(self, x: Tensor) -> Tensor:
         """The LMM over a whole sequence from M_0: (B, T, dim) -> (B, T, dim)."""
         q, k, v, gates, _ = self.write_inputs(x)
         reads, _ = self.memorize(self.initial_state(x.shape[0]), k, v, q, gates)
         return self.output(reads, x)
+
+    def _compiled_if_asked(self, fn: Callable) -> Callable:
+        return _compiled(fn) if self.compile_step else fn
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.num_heads}x{self.head_dim}, depth={self.depth}, chunk={self.chunk_size}, "
