@@ -5,7 +5,12 @@ float32 registers, so a sequence of nc chunks is one launch instead of about 20 
     z = k W_1, a = silu(z), delta_2 = a W_2 - v, delta_1 = (delta_2 W_2^T) silu'(z)    (clipped per token, optional)
     W_l <- A W_l + D S_l + a_{l-1}^T (delta_l * end_M),   S_l <- E S_l + a_{l-1}^T (delta_l * end_S)
 
-and it writes the chunk's start state and its factors (a, delta_1, delta_2) for the reads. Products take the
+and it writes the chunk's start state and its factors (a, delta_1, delta_2) for the reads. Within a chunk every row
+(token) is independent given the chunk-start weights, so the kernels take its rows `R` at a time (`block_rows`),
+adding each block's part of the update to the state: what lives in registers beside the state is R rows of
+activations, not the chunk's (64 rows of the `small` memory spilled about 1.6 KB a thread in the backward on Hopper,
+16 rows 0.4 KB). The backward keeps the carried state gradient in global memory (L1 / L2) between chunks and, in
+registers, only its product-dtype copies and the weights' gradient being accumulated. Products take the
 inputs' dtype (bf16 under autocast, as the reference's matmuls do) and accumulate in float32; the element-wise
 work between them stays in float32, where the reference rounds to the input dtype after each operation.
 """
@@ -31,21 +36,54 @@ if triton is not None:
         return ptr + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
 
     @triton.jit
+    def _ld(ptr, index, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """The `index`-th of an array of contiguous (ROWS, COLS) matrices at `ptr`."""
+        return tl.load(_matrix(ptr + index * ROWS * COLS, ROWS, COLS))
+
+    @triton.jit
+    def _st(ptr, index, x, ROWS: tl.constexpr, COLS: tl.constexpr):
+        tl.store(_matrix(ptr + index * ROWS * COLS, ROWS, COLS), x)
+
+    @triton.jit
     def _load_state(w1_ptr, w2_ptr, s1_ptr, s2_ptr, index, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr):
         """The `index`-th (W_1, W_2, S_1, S_2) of four arrays of (D0, DH) and (DH, DO) matrices."""
-        w1 = tl.load(_matrix(w1_ptr + index * D0 * DH, D0, DH))
-        w2 = tl.load(_matrix(w2_ptr + index * DH * DO, DH, DO))
-        s1 = tl.load(_matrix(s1_ptr + index * D0 * DH, D0, DH))
-        s2 = tl.load(_matrix(s2_ptr + index * DH * DO, DH, DO))
-        return w1, w2, s1, s2
+        return (_ld(w1_ptr, index, D0, DH), _ld(w2_ptr, index, DH, DO), _ld(s1_ptr, index, D0, DH),
+                _ld(s2_ptr, index, DH, DO))
 
     @triton.jit
     def _store_state(w1_ptr, w2_ptr, s1_ptr, s2_ptr, index, w1, w2, s1, s2, D0: tl.constexpr, DH: tl.constexpr,
                      DO: tl.constexpr):
-        tl.store(_matrix(w1_ptr + index * D0 * DH, D0, DH), w1)
-        tl.store(_matrix(w2_ptr + index * DH * DO, DH, DO), w2)
-        tl.store(_matrix(s1_ptr + index * D0 * DH, D0, DH), s1)
-        tl.store(_matrix(s2_ptr + index * DH * DO, DH, DO), s2)
+        _st(w1_ptr, index, w1, D0, DH)
+        _st(w2_ptr, index, w2, DH, DO)
+        _st(s1_ptr, index, s1, D0, DH)
+        _st(s2_ptr, index, s2, DH, DO)
+
+    @triton.jit
+    def _load_ends(end_ptr, row, R: tl.constexpr):
+        """Rows row..row+R of `end`: each token's factor of its update to the weights and to the momentum."""
+        rows = row + tl.arange(0, R)
+        return tl.load(end_ptr + rows * 2).to(tl.float32), tl.load(end_ptr + rows * 2 + 1).to(tl.float32)
+
+    @triton.jit
+    def _state_gradient_before_rows(w_start_ptr, s_start_ptr, gw_start_ptr, gs_start_ptr, dw_ptr, ds_ptr, chunk, bh,
+                                    keep_w, keep_s, keep_m, dt: tl.constexpr, ROWS: tl.constexpr,
+                                    COLS: tl.constexpr):
+        """One layer's part of a chunk's backward that needs no row: from the carried gradients dW, dS of the
+        chunk's end state, the decays' gradients (d A, d D, d E as a (4,) vector, the last 0), the momentum's
+        gradient at the chunk start (stored over dS), and dW's start value A dW + gW (returned, for the rows' to
+        be added), with the product-dtype copies of W, dW and dS the rows use."""
+        w = _ld(w_start_ptr, chunk, ROWS, COLS)
+        s = _ld(s_start_ptr, chunk, ROWS, COLS)
+        dw = _ld(dw_ptr, bh, ROWS, COLS)
+        ds = _ld(ds_ptr, bh, ROWS, COLS)
+        d_keep = tl.where(tl.arange(0, 4) == 0, tl.sum(tl.sum(dw * w, 1), 0), 0.0)
+        d_keep += tl.where(tl.arange(0, 4) == 1, tl.sum(tl.sum(dw * s, 1), 0), 0.0)
+        d_keep += tl.where(tl.arange(0, 4) == 2, tl.sum(tl.sum(ds * s, 1), 0), 0.0)
+        ds_start = keep_s * dw + keep_m * ds + _ld(gs_start_ptr, chunk, ROWS, COLS)
+        dw_start = keep_w * dw + _ld(gw_start_ptr, chunk, ROWS, COLS)
+        tl.debug_barrier()  # every thread has read dS before it is overwritten
+        _st(ds_ptr, bh, ds_start, ROWS, COLS)
+        return w.to(dt), dw.to(dt), ds.to(dt), dw_start, d_keep
 
     @triton.jit
     def _memory_scan_fwd(
@@ -54,47 +92,48 @@ if triton is not None:
         w1_start_ptr, w2_start_ptr, s1_start_ptr, s2_start_ptr,  # (BH, NC, ...): every chunk's start state
         a_ptr, d1_ptr, d2_ptr,                             # (BH, NC, N, DH), (BH, NC, N, DH), (BH, NC, N, DO)
         NC, max_norm,
-        N: tl.constexpr, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, CLIP: tl.constexpr,
+        N: tl.constexpr, R: tl.constexpr, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, CLIP: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         bh = tl.program_id(0).to(tl.int64)
         dt = k_ptr.dtype.element_ty
-        rows = tl.arange(0, N)
         w1, w2, s1, s2 = _load_state(w1_ptr, w2_ptr, s1_ptr, s2_ptr, bh, D0, DH, DO)
         for c in range(NC):
             chunk = bh * NC + c
             _store_state(w1_start_ptr, w2_start_ptr, s1_start_ptr, s2_start_ptr, chunk, w1, w2, s1, s2, D0, DH, DO)
-            k = tl.load(_matrix(k_ptr + chunk * N * D0, N, D0))  # (N, D0)
-            v = tl.load(_matrix(v_ptr + chunk * N * DO, N, DO)).to(tl.float32)  # (N, DO)
-            end_w = tl.load(end_ptr + chunk * N * 2 + rows * 2).to(tl.float32)  # (N,)
-            end_s = tl.load(end_ptr + chunk * N * 2 + rows * 2 + 1).to(tl.float32)
+            w1_dt, w2_dt = w1.to(dt), w2.to(dt)  # the chunk-start weights every token's gradient is taken at
             keep_w = tl.load(decay_ptr + chunk * 3)  # A_n
             keep_s = tl.load(decay_ptr + chunk * 3 + 1)  # D_n
             keep_m = tl.load(decay_ptr + chunk * 3 + 2)  # E_n
-            # the memory's forward pass and its backward pass written out
-            z = dot(k, w1.to(dt), None, PRECISION, UPCAST)  # (N, DH)
-            sig = tl.sigmoid(z)
-            a = z * sig
-            delta2 = dot(a.to(dt), w2.to(dt), None, PRECISION, UPCAST) - v  # (N, DO)
-            delta1 = dot(delta2.to(dt), tl.trans(w2.to(dt)), None, PRECISION, UPCAST) * (sig * (1 + z * (1 - sig)))
-            if CLIP:  # ||u_j||^2 = 4 (|k_j|^2 |delta1_j|^2 + |a_j|^2 |delta2_j|^2)
-                kf = k.to(tl.float32)
-                sq = tl.sum(kf * kf, 1) * tl.sum(delta1 * delta1, 1) + tl.sum(a * a, 1) * tl.sum(delta2 * delta2, 1)
-                sq = 4 * sq
-                scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
-                delta1 = delta1 * scale[:, None]
-                delta2 = delta2 * scale[:, None]
-            tl.store(_matrix(a_ptr + chunk * N * DH, N, DH), a.to(dt))
-            tl.store(_matrix(d1_ptr + chunk * N * DH, N, DH), delta1.to(dt))
-            tl.store(_matrix(d2_ptr + chunk * N * DO, N, DO), delta2.to(dt))
-            # both updates of both layers: a_{l-1}^T (delta_l * end)
-            kt, at = tl.trans(k), tl.trans(a.to(dt))
-            u1w = dot(kt, (delta1 * end_w[:, None]).to(dt), None, PRECISION, UPCAST)
-            u1s = dot(kt, (delta1 * end_s[:, None]).to(dt), None, PRECISION, UPCAST)
-            u2w = dot(at, (delta2 * end_w[:, None]).to(dt), None, PRECISION, UPCAST)
-            u2s = dot(at, (delta2 * end_s[:, None]).to(dt), None, PRECISION, UPCAST)
-            w1, s1 = keep_w * w1 + keep_s * s1 + u1w, keep_m * s1 + u1s
-            w2, s2 = keep_w * w2 + keep_s * s2 + u2w, keep_m * s2 + u2s
+            # the decayed state; the rows' updates a_{l-1}^T (delta_l * end) are accumulated onto it
+            w1, s1 = keep_w * w1 + keep_s * s1, keep_m * s1
+            w2, s2 = keep_w * w2 + keep_s * s2, keep_m * s2
+            for r in range(N // R):  # R rows at a time: their activations, not the chunk's, live in registers
+                row = chunk * N + r * R
+                k = tl.load(_matrix(k_ptr + row * D0, R, D0))  # (R, D0)
+                v = tl.load(_matrix(v_ptr + row * DO, R, DO)).to(tl.float32)  # (R, DO)
+                end_w, end_s = _load_ends(end_ptr, row, R)  # (R,)
+                # the memory's forward pass and its backward pass written out
+                z = dot(k, w1_dt, None, PRECISION, UPCAST)  # (R, DH)
+                sig = tl.sigmoid(z)
+                a = z * sig
+                delta2 = dot(a.to(dt), w2_dt, None, PRECISION, UPCAST) - v  # (R, DO)
+                delta1 = dot(delta2.to(dt), tl.trans(w2_dt), None, PRECISION, UPCAST) * (sig * (1 + z * (1 - sig)))
+                if CLIP:  # ||u_j||^2 = 4 (|k_j|^2 |delta1_j|^2 + |a_j|^2 |delta2_j|^2)
+                    kf = k.to(tl.float32)
+                    sq = tl.sum(kf * kf, 1) * tl.sum(delta1 * delta1, 1) + tl.sum(a * a, 1) * tl.sum(delta2 * delta2, 1)
+                    sq = 4 * sq
+                    scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
+                    delta1 = delta1 * scale[:, None]
+                    delta2 = delta2 * scale[:, None]
+                tl.store(_matrix(a_ptr + row * DH, R, DH), a.to(dt))
+                tl.store(_matrix(d1_ptr + row * DH, R, DH), delta1.to(dt))
+                tl.store(_matrix(d2_ptr + row * DO, R, DO), delta2.to(dt))
+                kt, at = tl.trans(k), tl.trans(a.to(dt))
+                w1 = dot(kt, (delta1 * end_w[:, None]).to(dt), w1, PRECISION, UPCAST)
+                s1 = dot(kt, (delta1 * end_s[:, None]).to(dt), s1, PRECISION, UPCAST)
+                w2 = dot(at, (delta2 * end_w[:, None]).to(dt), w2, PRECISION, UPCAST)
+                s2 = dot(at, (delta2 * end_s[:, None]).to(dt), s2, PRECISION, UPCAST)
         _store_state(w1_ptr, w2_ptr, s1_ptr, s2_ptr, bh, w1, w2, s1, s2, D0, DH, DO)
 
     @triton.jit
@@ -106,101 +145,100 @@ if triton is not None:
         dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,  # in: gradients of the final state; out: of the initial state
         dk_ptr, dv_ptr, dend_ptr, ddecay_ptr,
         NC, max_norm,
-        N: tl.constexpr, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, CLIP: tl.constexpr,
+        N: tl.constexpr, R: tl.constexpr, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, CLIP: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """The chunks in reverse: recompute a chunk's forward from its saved start state, back-propagate the
-        gradients of its end state and of its outputs, and carry the state's gradient to the chunk before."""
+        gradients of its end state and of its outputs, and carry the state's gradient to the chunk before. The
+        carried gradient lives in dw1_ptr..ds2_ptr (L1 / L2) between chunks, so that only its product-dtype copies
+        and the two accumulated gradients stay in registers through the chunk's rows."""
         bh = tl.program_id(0).to(tl.int64)
         dt = k_ptr.dtype.element_ty
-        rows = tl.arange(0, N)
-        dw1, dw2, ds1, ds2 = _load_state(dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, bh, D0, DH, DO)
         for i in range(NC):
             chunk = bh * NC + NC - 1 - i
-            w1, w2, s1, s2 = _load_state(w1_start_ptr, w2_start_ptr, s1_start_ptr, s2_start_ptr, chunk, D0, DH, DO)
-            k = tl.load(_matrix(k_ptr + chunk * N * D0, N, D0))
-            v = tl.load(_matrix(v_ptr + chunk * N * DO, N, DO)).to(tl.float32)
-            end_w = tl.load(end_ptr + chunk * N * 2 + rows * 2).to(tl.float32)
-            end_s = tl.load(end_ptr + chunk * N * 2 + rows * 2 + 1).to(tl.float32)
             keep_w = tl.load(decay_ptr + chunk * 3)
             keep_s = tl.load(decay_ptr + chunk * 3 + 1)
             keep_m = tl.load(decay_ptr + chunk * 3 + 2)
-            # the chunk's forward again
-            z = dot(k, w1.to(dt), None, PRECISION, UPCAST)
-            sig = tl.sigmoid(z)
-            a = (z * sig).to(dt).to(tl.float32)  # as stored and used by the forward
-            slope = sig * (1 + z * (1 - sig))  # silu'(z)
-            delta2_raw = dot(a.to(dt), w2.to(dt), None, PRECISION, UPCAST) - v
-            back = dot(delta2_raw.to(dt), tl.trans(w2.to(dt)), None, PRECISION, UPCAST)
-            delta1_raw = back * slope
-            if CLIP:
-                kf = k.to(tl.float32)
-                kk, aa = tl.sum(kf * kf, 1), tl.sum(a * a, 1)
-                dd1, dd2 = tl.sum(delta1_raw * delta1_raw, 1), tl.sum(delta2_raw * delta2_raw, 1)
-                sq = 4 * (kk * dd1 + aa * dd2)
-                scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
-                delta1 = (delta1_raw * scale[:, None]).to(dt).to(tl.float32)
-                delta2 = (delta2_raw * scale[:, None]).to(dt).to(tl.float32)
-            else:
-                delta1 = delta1_raw.to(dt).to(tl.float32)
-                delta2 = delta2_raw.to(dt).to(tl.float32)
-            # the decays: W' = A W + D S + U_W, S' = E S + U_S
-            d_keep_w = tl.sum(tl.sum(dw1 * w1, 1), 0) + tl.sum(tl.sum(dw2 * w2, 1), 0)
-            d_keep_s = tl.sum(tl.sum(dw1 * s1, 1), 0) + tl.sum(tl.sum(dw2 * s2, 1), 0)
-            d_keep_m = tl.sum(tl.sum(ds1 * s1, 1), 0) + tl.sum(tl.sum(ds2 * s2, 1), 0)
-            tl.store(ddecay_ptr + chunk * 3, d_keep_w)
-            tl.store(ddecay_ptr + chunk * 3 + 1, d_keep_s)
-            tl.store(ddecay_ptr + chunk * 3 + 2, d_keep_m)
-            # the updates U = a_{l-1}^T (delta_l * end): gradients of delta, a_{l-1} and end
-            k_dw1 = dot(k, dw1.to(dt), None, PRECISION, UPCAST)  # (N, DH)
-            k_ds1 = dot(k, ds1.to(dt), None, PRECISION, UPCAST)
-            a_dw2 = dot(a.to(dt), dw2.to(dt), None, PRECISION, UPCAST)  # (N, DO)
-            a_ds2 = dot(a.to(dt), ds2.to(dt), None, PRECISION, UPCAST)
-            g_delta1 = k_dw1 * end_w[:, None] + k_ds1 * end_s[:, None]
-            g_delta1 += tl.load(_matrix(gd1_ptr + chunk * N * DH, N, DH)).to(tl.float32)
-            g_delta2 = a_dw2 * end_w[:, None] + a_ds2 * end_s[:, None]
-            g_delta2 += tl.load(_matrix(gd2_ptr + chunk * N * DO, N, DO)).to(tl.float32)
-            d_end_w = tl.sum(k_dw1 * delta1, 1) + tl.sum(a_dw2 * delta2, 1)
-            d_end_s = tl.sum(k_ds1 * delta1, 1) + tl.sum(a_ds2 * delta2, 1)
-            tl.store(dend_ptr + chunk * N * 2 + rows * 2, d_end_w.to(dend_ptr.dtype.element_ty))
-            tl.store(dend_ptr + chunk * N * 2 + rows * 2 + 1, d_end_s.to(dend_ptr.dtype.element_ty))
-            dk = dot((delta1 * end_w[:, None]).to(dt), tl.trans(dw1.to(dt)), None, PRECISION, UPCAST)
-            dk = dot((delta1 * end_s[:, None]).to(dt), tl.trans(ds1.to(dt)), dk, PRECISION, UPCAST)  # (N, D0)
-            da = dot((delta2 * end_w[:, None]).to(dt), tl.trans(dw2.to(dt)), None, PRECISION, UPCAST)
-            da = dot((delta2 * end_s[:, None]).to(dt), tl.trans(ds2.to(dt)), da, PRECISION, UPCAST)  # (N, DH)
-            da += tl.load(_matrix(ga_ptr + chunk * N * DH, N, DH)).to(tl.float32)
-            # the clip: delta = delta_raw * scale(||u||^2)
-            if CLIP:
-                g_delta1_raw = g_delta1 * scale[:, None]
-                g_delta2_raw = g_delta2 * scale[:, None]
-                d_scale = tl.sum(g_delta1 * delta1_raw, 1) + tl.sum(g_delta2 * delta2_raw, 1)
-                d_sq = tl.where(sq > max_norm * max_norm, -0.5 * d_scale * scale / sq, 0.0)  # d scale / d sq
-                dk += (8 * d_sq * dd1)[:, None] * kf
-                g_delta1_raw += (8 * d_sq * kk)[:, None] * delta1_raw
-                da += (8 * d_sq * dd2)[:, None] * a
-                g_delta2_raw += (8 * d_sq * aa)[:, None] * delta2_raw
-            else:
-                g_delta1_raw, g_delta2_raw = g_delta1, g_delta2
-            # delta1_raw = (delta2_raw W_2^T) silu'(z), delta2_raw = a W_2 - v, a = silu(z), z = k W_1
-            g_back = g_delta1_raw * slope
-            dz = g_delta1_raw * back * sig * (1 - sig) * (2 + z * (1 - 2 * sig))  # silu''(z)
-            g_delta2_raw += dot(g_back.to(dt), w2.to(dt), None, PRECISION, UPCAST)
-            dw2_mlp = dot(tl.trans(g_back.to(dt)), delta2_raw.to(dt), None, PRECISION, UPCAST)  # (DH, DO)
-            da += dot(g_delta2_raw.to(dt), tl.trans(w2.to(dt)), None, PRECISION, UPCAST)
-            dw2_mlp = dot(tl.trans(a.to(dt)), g_delta2_raw.to(dt), dw2_mlp, PRECISION, UPCAST)
-            dz += da * slope
-            dk = dot(dz.to(dt), tl.trans(w1.to(dt)), dk, PRECISION, UPCAST)
-            dw1_mlp = dot(tl.trans(k), dz.to(dt), None, PRECISION, UPCAST)  # (D0, DH)
-            tl.store(_matrix(dk_ptr + chunk * N * D0, N, D0), dk.to(dk_ptr.dtype.element_ty))
-            tl.store(_matrix(dv_ptr + chunk * N * DO, N, DO), (-g_delta2_raw).to(dv_ptr.dtype.element_ty))
-            # the state's gradient at the chunk start
-            gw1, gw2, gs1, gs2 = _load_state(gw1_start_ptr, gw2_start_ptr, gs1_start_ptr, gs2_start_ptr, chunk,
-                                             D0, DH, DO)
-            ds1 = keep_s * dw1 + keep_m * ds1 + gs1
-            dw1 = keep_w * dw1 + dw1_mlp + gw1
-            ds2 = keep_s * dw2 + keep_m * ds2 + gs2
-            dw2 = keep_w * dw2 + dw2_mlp + gw2
-        _store_state(dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, bh, dw1, dw2, ds1, ds2, D0, DH, DO)
+            # layer by layer (four state-sized matrices at a time): the decays' gradients (W' = A W + D S + U_W,
+            # S' = E S + U_S), the momentum's gradient at the chunk start, and the part of the weights' that does not
+            # pass through the memory's forward (the rows add theirs below)
+            w1_dt, dw1_dt, ds1_dt, dw1, d_keep_1 = _state_gradient_before_rows(
+                w1_start_ptr, s1_start_ptr, gw1_start_ptr, gs1_start_ptr, dw1_ptr, ds1_ptr, chunk, bh,
+                keep_w, keep_s, keep_m, dt, D0, DH)
+            w2_dt, dw2_dt, ds2_dt, dw2, d_keep_2 = _state_gradient_before_rows(
+                w2_start_ptr, s2_start_ptr, gw2_start_ptr, gs2_start_ptr, dw2_ptr, ds2_ptr, chunk, bh,
+                keep_w, keep_s, keep_m, dt, DH, DO)
+            tl.store(ddecay_ptr + chunk * 3 + tl.arange(0, 4), d_keep_1 + d_keep_2, mask=tl.arange(0, 4) < 3)
+            for r in range(N // R):
+                row = chunk * N + r * R
+                k = tl.load(_matrix(k_ptr + row * D0, R, D0))
+                v = tl.load(_matrix(v_ptr + row * DO, R, DO)).to(tl.float32)
+                end_w, end_s = _load_ends(end_ptr, row, R)
+                # the rows' forward again
+                z = dot(k, w1_dt, None, PRECISION, UPCAST)
+                sig = tl.sigmoid(z)
+                a = (z * sig).to(dt).to(tl.float32)  # as stored and used by the forward
+                slope = sig * (1 + z * (1 - sig))  # silu'(z)
+                delta2_raw = dot(a.to(dt), w2_dt, None, PRECISION, UPCAST) - v
+                back = dot(delta2_raw.to(dt), tl.trans(w2_dt), None, PRECISION, UPCAST)
+                delta1_raw = back * slope
+                if CLIP:
+                    kf = k.to(tl.float32)
+                    kk, aa = tl.sum(kf * kf, 1), tl.sum(a * a, 1)
+                    dd1, dd2 = tl.sum(delta1_raw * delta1_raw, 1), tl.sum(delta2_raw * delta2_raw, 1)
+                    sq = 4 * (kk * dd1 + aa * dd2)
+                    scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
+                    delta1 = (delta1_raw * scale[:, None]).to(dt).to(tl.float32)
+                    delta2 = (delta2_raw * scale[:, None]).to(dt).to(tl.float32)
+                else:
+                    delta1 = delta1_raw.to(dt).to(tl.float32)
+                    delta2 = delta2_raw.to(dt).to(tl.float32)
+                # the updates U = a_{l-1}^T (delta_l * end): gradients of delta, a_{l-1} and end
+                k_dw1 = dot(k, dw1_dt, None, PRECISION, UPCAST)  # (R, DH)
+                k_ds1 = dot(k, ds1_dt, None, PRECISION, UPCAST)
+                a_dw2 = dot(a.to(dt), dw2_dt, None, PRECISION, UPCAST)  # (R, DO)
+                a_ds2 = dot(a.to(dt), ds2_dt, None, PRECISION, UPCAST)
+                g_delta1 = k_dw1 * end_w[:, None] + k_ds1 * end_s[:, None]
+                g_delta1 += tl.load(_matrix(gd1_ptr + row * DH, R, DH)).to(tl.float32)
+                g_delta2 = a_dw2 * end_w[:, None] + a_ds2 * end_s[:, None]
+                g_delta2 += tl.load(_matrix(gd2_ptr + row * DO, R, DO)).to(tl.float32)
+                rows = row + tl.arange(0, R)
+                d_end_w = tl.sum(k_dw1 * delta1, 1) + tl.sum(a_dw2 * delta2, 1)
+                d_end_s = tl.sum(k_ds1 * delta1, 1) + tl.sum(a_ds2 * delta2, 1)
+                tl.store(dend_ptr + rows * 2, d_end_w.to(dend_ptr.dtype.element_ty))
+                tl.store(dend_ptr + rows * 2 + 1, d_end_s.to(dend_ptr.dtype.element_ty))
+                dk = dot((delta1 * end_w[:, None]).to(dt), tl.trans(dw1_dt), None, PRECISION, UPCAST)
+                dk = dot((delta1 * end_s[:, None]).to(dt), tl.trans(ds1_dt), dk, PRECISION, UPCAST)  # (R, D0)
+                da = dot((delta2 * end_w[:, None]).to(dt), tl.trans(dw2_dt), None, PRECISION, UPCAST)
+                da = dot((delta2 * end_s[:, None]).to(dt), tl.trans(ds2_dt), da, PRECISION, UPCAST)  # (R, DH)
+                da += tl.load(_matrix(ga_ptr + row * DH, R, DH)).to(tl.float32)
+                # the clip: delta = delta_raw * scale(||u||^2)
+                if CLIP:
+                    g_delta1_raw = g_delta1 * scale[:, None]
+                    g_delta2_raw = g_delta2 * scale[:, None]
+                    d_scale = tl.sum(g_delta1 * delta1_raw, 1) + tl.sum(g_delta2 * delta2_raw, 1)
+                    d_sq = tl.where(sq > max_norm * max_norm, -0.5 * d_scale * scale / sq, 0.0)  # d scale / d sq
+                    dk += (8 * d_sq * dd1)[:, None] * kf
+                    g_delta1_raw += (8 * d_sq * kk)[:, None] * delta1_raw
+                    da += (8 * d_sq * dd2)[:, None] * a
+                    g_delta2_raw += (8 * d_sq * aa)[:, None] * delta2_raw
+                else:
+                    g_delta1_raw, g_delta2_raw = g_delta1, g_delta2
+                # delta1_raw = (delta2_raw W_2^T) silu'(z), delta2_raw = a W_2 - v, a = silu(z), z = k W_1
+                g_back = g_delta1_raw * slope
+                dz = g_delta1_raw * back * sig * (1 - sig) * (2 + z * (1 - 2 * sig))  # silu''(z)
+                g_delta2_raw += dot(g_back.to(dt), w2_dt, None, PRECISION, UPCAST)
+                dw2 = dot(tl.trans(g_back.to(dt)), delta2_raw.to(dt), dw2, PRECISION, UPCAST)  # (DH, DO)
+                da += dot(g_delta2_raw.to(dt), tl.trans(w2_dt), None, PRECISION, UPCAST)
+                dw2 = dot(tl.trans(a.to(dt)), g_delta2_raw.to(dt), dw2, PRECISION, UPCAST)
+                dz += da * slope
+                dk = dot(dz.to(dt), tl.trans(w1_dt), dk, PRECISION, UPCAST)
+                dw1 = dot(tl.trans(k), dz.to(dt), dw1, PRECISION, UPCAST)  # (D0, DH)
+                tl.store(_matrix(dk_ptr + row * D0, R, D0), dk.to(dk_ptr.dtype.element_ty))
+                tl.store(_matrix(dv_ptr + row * DO, R, DO), (-g_delta2_raw).to(dv_ptr.dtype.element_ty))
+            _st(dw1_ptr, bh, dw1, D0, DH)
+            _st(dw2_ptr, bh, dw2, DH, DO)
+            tl.debug_barrier()  # the next chunk reads the carried gradient back
 
 
 def _power_of_two(n: int) -> bool:
@@ -231,9 +269,18 @@ def product_dtype(k: Tensor) -> torch.dtype:
     return k.dtype
 
 
+BLOCK_ROWS = 16
+
+
+def block_rows(n: int) -> int:
+    """The rows of a chunk the kernels take at a time (`R`): the activations of R rows live in registers beside the
+    state, those of a whole chunk of 64 would spill."""
+    return min(n, BLOCK_ROWS)
+
+
 def launch_options(dh: int) -> dict:
     """num_stages=1: the chunk loop is sequential, and pipelining it multiplies the shared-memory buffers of the
-    products (the backward at d_0 = 64, d_h = 128 in bf16 asks for 262 KB with 3 stages, 131 KB with 1)."""
+    products (beyond what Hopper has at d_0 = 64, d_h = 128)."""
     return {} if interpreting() else {"num_warps": 4 if dh <= 64 else 8, "num_stages": 1}
 
 
@@ -241,12 +288,14 @@ def launch_options(dh: int) -> dict:
 def fits_shared_memory(device_index: int, dtype: torch.dtype, precision: str, n: int, d0: int, dh: int,
                        do: int) -> bool:
     """Whether both kernels, compiled for this GPU (with the clip, the larger variant), ask for no more shared memory
-    than it has: the backward keeps about eight state-sized operands of its products there (at 64 x 128: 131 KB in
-    bf16, 311 KB in float32, against 227 KB on an H100 / H200)."""
+    than it has: the backward keeps the product-dtype copies of W, dW and dS of both layers (and their transposes)
+    there through a chunk's rows (at 64 x 128: 204 KB in bf16, 220 KB in float32, against 227 KB on an H100 /
+    H200)."""
     f32 = torch.float32
     nc = 16  # Triton specializes integers divisible by 16, as the chunk counts of power-of-two lengths >= 16 b are:
     # the same specialization as those launches, rather than one compiled for this check alone
-    options = dict(N=n, D0=d0, DH=dh, DO=do, CLIP=True, PRECISION=precision, UPCAST=False, **launch_options(dh))
+    options = dict(N=n, R=block_rows(n), D0=d0, DH=dh, DO=do, CLIP=True, PRECISION=precision, UPCAST=False,
+                   **launch_options(dh))
     with torch.cuda.device(device_index):
         forward = _memory_scan_fwd.warmup(dtype, dtype, dtype, f32, *[f32] * 8, dtype, dtype, dtype, nc, 1.0,
                                           grid=(1,), **options)
@@ -271,7 +320,7 @@ class MemoryScanFunction(torch.autograd.Function):
         a, delta1, delta2 = k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, do)
         _memory_scan_fwd[(bh,)](
             k, v, end, decay, *final, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2,
-            nc, float(max_norm or 0.0), N=n, D0=d0, DH=dh, DO=do, CLIP=max_norm is not None,
+            nc, float(max_norm or 0.0), N=n, R=block_rows(n), D0=d0, DH=dh, DO=do, CLIP=max_norm is not None,
             **dot_options(k.dtype), **launch_options(dh),
         )
         ctx.save_for_backward(k, v, end, decay, w1_start, w2_start, s1_start, s2_start)
@@ -291,7 +340,7 @@ class MemoryScanFunction(torch.autograd.Function):
         ddecay = torch.empty_like(decay)
         _memory_scan_bwd[(bh,)](
             k, v, end, decay, w1_start, w2_start, s1_start, s2_start, *grads[4:], *state_grads,
-            dk, dv, dend, ddecay, nc, float(ctx.max_norm or 0.0), N=n, D0=d0, DH=dh, DO=do,
+            dk, dv, dend, ddecay, nc, float(ctx.max_norm or 0.0), N=n, R=block_rows(n), D0=d0, DH=dh, DO=do,
             CLIP=ctx.max_norm is not None, **dot_options(k.dtype), **launch_options(dh),
         )
         return (*state_grads, dk, dv, dend, ddecay, None)
