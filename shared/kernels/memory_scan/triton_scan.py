@@ -9,10 +9,11 @@ and it writes the chunk's start state and its factors (a, delta_1, delta_2) for 
 (token) is independent given the chunk-start weights, so the kernels take its rows `R` at a time (`block_rows`),
 adding each block's part of the update to the state: what lives in registers beside the state is R rows of
 activations, not the chunk's (the backward of the `small` memory, compiled for Hopper, spilled 6.3 KB of stack a
-thread with its 64 rows at once, 0.35 KB with 16). The backward keeps the carried state gradient in global memory (L1 / L2) between chunks and, in
-registers, only its product-dtype copies and the weights' gradient being accumulated. Products take the
-inputs' dtype (bf16 under autocast, as the reference's matmuls do) and accumulate in float32; the element-wise
-work between them stays in float32, where the reference rounds to the input dtype after each operation.
+thread with its 64 rows at once, 0.35 KB with 16). The backward keeps the carried state gradient in global memory
+(L1 / L2) between chunks and, in registers, only its product-dtype copies and the weights' gradient being
+accumulated. Products take the inputs' dtype (bf16 under autocast, as the reference's matmuls do) and accumulate in
+float32; the element-wise work between them stays in float32, where the reference rounds to the input dtype after
+each operation.
 """
 
 from __future__ import annotations
