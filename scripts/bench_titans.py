@@ -30,6 +30,9 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
               time (the difference is launch and Python overhead, what a CUDA graph removes), the kernels by kind
               (memory scan, attention, matmul, optimizer, elementwise / reductions / copies) and the operators
               that cost the most device time. Not in the default `--parts`.
+  precision   `compile_step`'s numbers: one training step of each memory variant of `--variants`, eager and
+              compiled under bf16 autocast, against float32 (IEEE products, reference scan): losses and gradient
+              errors. Not in the default `--parts`.
   attention   FlexAttention (compiled) against the SDPA dense-mask path on the GPU, sliding window with prefix and
               MAC's segmented mask: max difference of outputs and gradients (the CPU tests compare the eager
               FlexAttention forward and a plain-math reference).
@@ -80,7 +83,7 @@ from shared.lit.flops import peak_tflops  # noqa: E402
 VARIANTS = ("transformer", "lmm", "mac", "mag", "mal")
 ROW_FLAGS = ("compile", "scan", "graph")  # `--rows` names: <variant>+<flag>+..., see the module docstring
 PART_SHARE = {"lm": 0.28, "ablation": 0.2, "niah": 0.17, "throughput": 0.22, "chunk": 0.08, "scan": 0.05,
-              "attention": 0.05, "profile": 0.1}
+              "attention": 0.05, "profile": 0.1, "precision": 0.1}
 # The profile part's kinds of work, matched in order against a kernel's name (GPU) or an operator's (CPU).
 WORK_KINDS = (
     ("memory scan", r"_memory_scan_(fwd|bwd)"),
@@ -686,6 +689,60 @@ class Bench:
             for op in r["top_ops"][:5]:
                 print(f"{'':14s}{100 * op['share']:5.1f}%  {op['calls_per_step']:6.0f} calls  {op['name'][:90]}")
         print_errors({"profile": self.results["profile"]})
+
+    def part_precision(self) -> None:
+        """`compile_step`'s numbers: one training step of each memory variant of `--variants` (batch 2 x `--seq-len`,
+        random bytes), eager and with the memory's `compile_step`, both under the bench's bf16 autocast (off on the
+        CPU, where the scan is the reference), against the same weights in float32 with IEEE products and the
+        reference scan. The loss of each, and each parameter's gradient error as a relative norm (median and
+        largest over the parameters): compiled should be as far from float32 as eager, no farther."""
+        a = self.args
+        gen = torch.Generator().manual_seed(a.seed)
+        x = torch.randint(0, 256, (2, a.seq_len + 1), generator=gen).to(self.device)
+
+        def loss_and_grads(model: TitansLM, amp) -> tuple[float, dict[str, torch.Tensor]]:
+            model.zero_grad(set_to_none=True)
+            with amp:
+                logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+        def errors(grads: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> dict[str, Any]:
+            err = {n: float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in exact.items()}
+            worst = max(err, key=err.get)
+            return {"median": float(np.median(list(err.values()))), "max": err[worst], "max_param": worst}
+
+        for variant in (v for v in a.variants if v != "transformer"):
+            if self.out_of_time():
+                self.record(("precision", variant), SKIPPED)
+                continue
+            try:
+                eager = self.model(variant, max_len=a.seq_len)
+                compiled = self.model(variant, max_len=a.seq_len, memory={"compile_step": True})
+                compiled.load_state_dict(eager.state_dict())
+                with scan_backend("reference"), matmul_precision("highest"):
+                    loss_fp32, exact = loss_and_grads(eager, torch.autocast(self.device.type, enabled=False))
+                loss_eager, grads_eager = loss_and_grads(eager, self.amp)
+                loss_compiled, grads_compiled = loss_and_grads(compiled, self.amp)
+                row = {"loss_fp32": loss_fp32, "loss_eager": loss_eager, "loss_compiled": loss_compiled,
+                       "grads_eager": errors(grads_eager, exact), "grads_compiled": errors(grads_compiled, exact),
+                       "grads_compiled_vs_eager": errors(grads_compiled, grads_eager)}
+            except Exception as exc:
+                row = self.failure(exc)
+            eager = compiled = None
+            self.free()
+            self.record(("precision", variant), row)
+        print(f"\ncompile_step against eager, one training step (batch 2 x {a.seq_len}): losses (float32 / eager / "
+              "compiled); gradients' relative error to float32, median / largest over the parameters")
+        for variant, r in self.results.get("precision", {}).items():
+            if "loss_fp32" not in r:
+                print(f"{variant:5s} {status(r)}")
+                continue
+            grads = "  ".join(f"{key} {r[key]['median']:.2e} / {r[key]['max']:.2e}"
+                              for key in ("grads_eager", "grads_compiled", "grads_compiled_vs_eager"))
+            print(f"{variant:5s} {r['loss_fp32']:.6f} / {r['loss_eager']:.6f} / {r['loss_compiled']:.6f}  {grads}")
+        print_errors({"precision": self.results.get("precision", {})})
 
     def part_attention(self) -> None:
         """Compiled FlexAttention vs the SDPA dense-mask path (values and gradients), on the GPU only."""

@@ -352,6 +352,26 @@ def test_bench_scan_part_measures_both_paths_against_the_exact_scan(tmp_path, mo
             assert r[f"bf16_train_{impl}_ms"] > 0 and r[f"fp32_tf32_eval_{impl}_ms"] > 0
 
 
+@pytest.mark.slow
+def test_bench_precision_part_compares_the_compiled_step_with_float32(tmp_path, monkeypatch, load_script):
+    """`--parts precision` on the CPU (no autocast there, the reference scan): the eager step is the float32 step
+    itself, and the compiled one differs from it by float32 rounding only, in the loss and in every gradient."""
+    import json
+
+    bench = load_script("bench_titans")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "precision", "--variants", "transformer,lmm",
+                                     "--json", "precision.json"])
+    bench.main()
+    rows = json.loads((tmp_path / "precision.json").read_text())["precision"]
+    assert set(rows) == {"lmm"}  # Transformer++ has no memory to compile
+    r = rows["lmm"]
+    assert r["loss_eager"] == r["loss_fp32"] and r["grads_eager"]["max"] == 0, r
+    assert r["loss_compiled"] == pytest.approx(r["loss_fp32"], rel=1e-5), r
+    assert r["grads_compiled"]["median"] <= r["grads_compiled"]["max"] < 1e-4, r
+    assert r["grads_compiled_vs_eager"] == r["grads_compiled"], r
+
+
 def test_profile_kinds_name_the_kernels_a_titans_step_launches(load_script):
     """Kernel names as an H200 profile shows them (the fused scan, cuDNN / flash / FlexAttention, cuBLAS, fused
     AdamW, ATen and Inductor elementwise kernels) and CPU operators fall in the kind a reader expects."""
