@@ -290,8 +290,8 @@ def fits_shared_memory(device_index: int, dtype: torch.dtype, precision: str, n:
                        do: int) -> bool:
     """Whether both kernels, compiled for this GPU (with the clip, the larger variant), ask for no more shared memory
     than it has: the backward keeps the product-dtype copies of W, dW and dS of both layers (and their transposes)
-    there through a chunk's rows (at 64 x 128: 204 KB in bf16, 220 KB in float32, against 227 KB on an H100 /
-    H200)."""
+    there through a chunk's rows (at 64 x 128: 204 KB in bf16 and 220 KB in float32 with IEEE products, against 227 KB
+    on an H100 / H200; float32 with TF32 products asks for more, and an H100 sent it to the reference)."""
     f32 = torch.float32
     nc = 16  # Triton specializes integers divisible by 16, as the chunk counts of power-of-two lengths >= 16 b are:
     # the same specialization as those launches, rather than one compiled for this check alone
