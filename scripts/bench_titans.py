@@ -719,7 +719,7 @@ class Bench:
                 continue
             try:
                 eager = self.model(variant, max_len=a.seq_len)
-                compiled = self.model(variant, max_len=a.seq_len, memory={"compile_step": True})
+                compiled = self.model(variant, max_len=a.seq_len, **row_overrides({"compile"}))
                 compiled.load_state_dict(eager.state_dict())
                 with scan_backend("reference"), matmul_precision("highest"):
                     loss_fp32, exact = loss_and_grads(eager, torch.autocast(self.device.type, enabled=False))
