@@ -24,6 +24,9 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
               PyTorch reference loop, at the `tiny` and `small` memory shapes, without gradient and forward +
               backward: each path's max relative difference of the outputs and gradients to the reference in
               exact float32 (float32 IEEE and TF32, bf16 autocast), and ms.
+  scan_time   the scan kernels' own device time (profiler), forward and backward, one `small` memory layer at
+              Figure 9's shapes (6 heads x tokens / T memories of T / 64 chunks) at each of `--seq-lens`: the part
+              of a step that grows with T. GPU only; not in the default `--parts`.
   profile     where a training step's time goes (torch.profiler), per variant of `--profile-variants` at
               `--profile-len` (<variant> or <variant>+compile), with the default memory scan (the kernels on a
               GPU), not graphed: the step's wall time against the device's busy
@@ -83,7 +86,7 @@ from shared.lit.flops import peak_tflops  # noqa: E402
 VARIANTS = ("transformer", "lmm", "mac", "mag", "mal")
 ROW_FLAGS = ("compile", "scan", "graph")  # `--rows` names: <variant>+<flag>+..., see the module docstring
 PART_SHARE = {"lm": 0.28, "ablation": 0.2, "niah": 0.17, "throughput": 0.22, "chunk": 0.08, "scan": 0.05,
-              "attention": 0.05, "profile": 0.1, "precision": 0.1}
+              "scan_time": 0.03, "attention": 0.05, "profile": 0.1, "precision": 0.1}
 # The profile part's kinds of work, matched in order against a kernel's name (GPU) or an operator's (CPU).
 WORK_KINDS = (
     ("memory scan", r"_memory_scan_(fwd|bwd)"),
@@ -649,6 +652,63 @@ class Bench:
                             for phase in ("eval", "train"))
                     print(line)
         print_errors(self.results["scan"])
+
+    def part_scan_time(self) -> None:
+        """The fused scan kernels' own device time (profiler), forward and backward, for one memory layer at Figure
+        9's shapes: the `small` memory (64 -> 128 -> 64, b = 64, bf16 under autocast, no surprise clip) and
+        6 heads x `--tokens-per-batch` / T memories of T / 64 chunks at each of `--seq-lens`. As T grows at a fixed
+        number of tokens the memories get fewer and their chunks more, and the kernels walk each memory's chunks in
+        order: this is the part of a training step that grows with T. GPU only."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from shared.kernels.memory_scan.triton_scan import memory_scan_triton
+
+        a = self.args
+        if self.device.type != "cuda":
+            print("[scan_time] needs CUDA")
+            return
+        d, dh, b, iters = 64, 128, 64, 3
+        for t in a.seq_lens:
+            if self.out_of_time():
+                self.record(("scan_time", t), SKIPPED)
+                continue
+            bh, nc = 6 * a.tokens_per_batch // t, t // b
+            try:
+                g = torch.Generator(device=self.device).manual_seed(0)
+                rand = functools.partial(torch.randn, generator=g, device=self.device)
+                state = [rand(bh, d, dh) / d ** 0.5, rand(bh, dh, d) / dh ** 0.5]
+                state += [0.1 * rand(*w.shape) for w in state]
+                # the model's scale of -2 theta K (theta_max = 0.0016), where the unclipped memory stays finite
+                data = [F.normalize(rand(bh, nc, b, d), dim=-1), rand(bh, nc, b, d), -0.003 * rand(bh, nc, b, 2).abs()]
+                decay = 0.9 + 0.1 * torch.rand(bh, nc, 3, generator=g, device=self.device)
+
+                def step(inputs: tuple = (*state, *data, decay)) -> None:
+                    leaves = [x.clone().requires_grad_() for x in inputs]
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = memory_scan_triton(tuple(leaves[:2]), tuple(leaves[2:4]), *leaves[4:])
+                    outputs = [*out.weights, *out.momentum, *out.w0, *out.s0, *out.inputs, *out.deltas]
+                    torch.autograd.backward(outputs, [torch.ones_like(x) for x in outputs])
+
+                step()
+                self.sync()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(iters):
+                        step()
+                    self.sync()
+                ms = {kind: sum(e.device_time for e in prof.events() if f"_memory_scan_{kind}" in e.name
+                                and e.device_type.name == "CUDA") / iters / 1e3 for kind in ("fwd", "bwd")}
+                row = {"memories": bh, "chunks": nc, "fwd_ms": ms["fwd"], "bwd_ms": ms["bwd"],
+                       "us_per_chunk": (ms["fwd"] + ms["bwd"]) / nc * 1e3}
+            except Exception as exc:
+                row = self.failure(exc)
+                self.free()
+            self.record(("scan_time", t), row)
+        print(f"\nMemory scan kernels, one layer of the small memory, {a.tokens_per_batch} tokens (device ms)")
+        for t, v in self.results.get("scan_time", {}).items():
+            print(f"T={t:6d}: {status(v)}" if "fwd_ms" not in v else
+                  f"T={t:6d} {v['memories']:4d} memories x {v['chunks']:4d} chunks: forward {v['fwd_ms']:.3f}, "
+                  f"backward {v['bwd_ms']:.3f} ms ({v['us_per_chunk']:.1f} us a chunk)")
+        print_errors({"scan_time": self.results.get("scan_time", {})})
 
     def part_profile(self) -> None:
         """One training step per variant, profiled: wall time (unprofiled), device busy time, work by kind and the
