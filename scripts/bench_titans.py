@@ -695,9 +695,11 @@ class Bench:
                     for _ in range(iters):
                         step()
                     self.sync()
-                ms = {kind: sum(e.device_time for e in prof.events() if f"_memory_scan_{kind}" in e.name
-                                and e.device_type.name == "CUDA") / iters / 1e3 for kind in ("fwd", "bwd")}
-                row = {"memories": bh, "chunks": nc, "fwd_ms": ms["fwd"], "bwd_ms": ms["bwd"],
+                ms = {kind: sum(e.device_time for e in prof.events() if e.name == f"_memory_scan_{kind}"
+                                and e.device_type.name == "CUDA") / iters / 1e3
+                      for kind in ("fwd", "bwd", "bwd_outputs")}
+                row = {"memories": bh, "chunks": nc, "fwd_ms": ms["fwd"], "bwd_ms": ms["bwd"] + ms["bwd_outputs"],
+                       "bwd_sequential_ms": ms["bwd"], "bwd_parallel_ms": ms["bwd_outputs"],
                        "us_per_chunk": (ms["fwd"] + ms["bwd"]) / nc * 1e3}
             except Exception as exc:
                 row = self.failure(exc)
@@ -707,7 +709,8 @@ class Bench:
         for t, v in self.results.get("scan_time", {}).items():
             print(f"T={t:6d}: {status(v)}" if "fwd_ms" not in v else
                   f"T={t:6d} {v['memories']:4d} memories x {v['chunks']:4d} chunks: forward {v['fwd_ms']:.3f}, "
-                  f"backward {v['bwd_ms']:.3f} ms ({v['us_per_chunk']:.1f} us a chunk)")
+                  f"backward {v['bwd_ms']:.3f} ms (sequential {v['bwd_sequential_ms']:.3f} + parallel "
+                  f"{v['bwd_parallel_ms']:.3f}; {v['us_per_chunk']:.1f} us a chunk in sequence)")
         print_errors({"scan_time": self.results.get("scan_time", {})})
 
     def part_profile(self) -> None:

@@ -22,7 +22,8 @@ def triton_scan():
 def scan_inputs(bh: int = 3, nc: int = 3, n: int = 64, d0: int = 16, dh: int = 32, dtype=torch.float32, seed: int = 0):
     """A random 2-layer memory state and three chunks of keys, values and coefficients, at the scales the model
     has: unit-norm keys, decays in (0, 1], `end` = -2 theta (K, L_E) with theta ~ 0.05. Chunks of 64 tokens are
-    two of the forward kernel's blocks of rows and four of the backward's (`block_rows`)."""
+    two of the forward kernel's blocks of rows, four of the backward's sequential half's and one of its parallel
+    half's (`block_rows`)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     weights = (rand(bh, d0, dh) / d0 ** 0.5, rand(bh, dh, d0) / dh ** 0.5)
@@ -188,12 +189,12 @@ def stack_bytes(cubin: bytes) -> int:
 
 n, d0, dh, do = 64, 64, 128, 64  # the memory of the `small` and `340m` models: head_dim 64, expansion 2, b = 64
 shared = {}
-for kernel in (triton_scan._memory_scan_fwd, triton_scan._memory_scan_bwd):
-    rows = triton_scan.block_rows(n, backward=kernel is triton_scan._memory_scan_bwd)
+for kernel in (triton_scan._memory_scan_fwd, triton_scan._memory_scan_bwd, triton_scan._memory_scan_bwd_outputs):
+    rows = triton_scan.block_rows(n, kernel)
     constants = dict(N=n, R=rows, D0=d0, DH=dh, DO=do, CLIP=True, PRECISION="tf32", UPCAST=False)
     names = list(inspect.signature(kernel.fn).parameters)
     f32_args = {"decay_ptr", "ddecay_ptr"} | {p for p in names if p[:2] in ("w1", "w2", "s1", "s2", "gw", "gs")}
-    f32_args |= {"dw1_ptr", "dw2_ptr", "ds1_ptr", "ds2_ptr"}
+    f32_args |= {"dw1_ptr", "dw2_ptr", "ds1_ptr", "ds2_ptr", "clip_ptr"}
     signature = {p: "constexpr" if p in constants else "i32" if p == "NC" else "fp32" if p == "max_norm"
                  else "*fp32" if p in f32_args else "*bf16" for p in names}
     source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
@@ -205,13 +206,13 @@ print(json.dumps(shared))
 
 @pytest.mark.slow
 def test_kernels_at_the_models_memory_size_fit_hopper_shared_memory_and_registers():
-    """Both kernels compiled for sm_90 (no GPU needed) with the launch options the model uses, at the `small` / `340m`
-    memory in bf16, their rows in blocks of `block_rows` (32 forward, 16 backward): the backward keeps twelve
-    state-sized operands of its products in shared memory (204 KB of 227; an earlier version asked for 444 KB in
-    float32, which an H200 refused at launch), and the registers spill little (a whole chunk of rows at once spilled
-    1.6 KB / 6.3 KB a thread, and the backward ran 2.2 times slower on an H100). How little depends on Triton's
-    version: with 3.8 (torch 2.14.1, the CI's) the forward spills nothing and the backward under 0.5 KB, with 3.6
-    (torch 2.11, the GPU machine's) 8 bytes and 2.7 KB; the bounds hold for both."""
+    """The three kernels compiled for sm_90 (no GPU needed) with the launch options the model uses, at the `small` /
+    `340m` memory in bf16, their rows in blocks of `block_rows` (32 forward, 16 the backward's sequential half, 64 its
+    parallel half): the sequential half keeps twelve state-sized operands of its products in shared memory (an
+    earlier version asked for 444 KB in float32, which an H200 refused at launch), and the registers spill little (a
+    whole chunk of rows at once spilled 1.6 KB / 6.3 KB a thread, and the backward ran 2.2 times slower on an H100).
+    How little depends on Triton's version: with 3.8 (torch 2.14.1, the CI's) the forward and the parallel half spill
+    nothing and the sequential half 232 bytes; the bounds hold for 3.6 (torch 2.11, the GPU machine's) too."""
     import json
     import subprocess
     import sys
@@ -222,8 +223,9 @@ def test_kernels_at_the_models_memory_size_fit_hopper_shared_memory_and_register
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     usage = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(usage) == {"_memory_scan_fwd", "_memory_scan_bwd"}
+    assert set(usage) == {"_memory_scan_fwd", "_memory_scan_bwd", "_memory_scan_bwd_outputs"}
     for name, u in usage.items():
         assert 0 < u["shared"] <= HOPPER_SHARED_MEMORY, f"{name}: {u['shared']} bytes of shared memory"
     assert usage["_memory_scan_fwd"]["stack"] < 64, usage
+    assert usage["_memory_scan_bwd_outputs"]["stack"] < 64, usage
     assert usage["_memory_scan_bwd"]["stack"] < 3072, usage

@@ -6,11 +6,12 @@
     scan.inputs, scan.deltas           # every chunk's factors a_l and delta_l (see reference.py)
 
 Dispatch, by `FORMERLAB_MEMORY_SCAN`: `auto` (the default) runs the fused Triton kernels (`triton_scan.py`: one
-program per memory, the weights and momentum kept on chip across the chunks, forward and backward) for CUDA tensors
-when the memory is a 2-layer SiLU MLP with power-of-two sizes of at least 16 whose kernels fit the GPU's shared
-memory, and the PyTorch reference (`reference.py`, the spec; autograd gives its backward) otherwise (the CPU, a linear
-memory, a ragged last chunk); `reference` always runs the reference; `triton` takes the kernels on any device (on CPU
-they then need `TRITON_INTERPRET=1`, which is how the tests run them). On an H200 the kernels match the exact float32
+program per memory, the weights and momentum kept on chip across the chunks, forward and backward, with the backward's
+gradients that no later chunk needs in a second kernel, parallel over the chunks) for CUDA tensors when the memory is
+a 2-layer SiLU MLP with power-of-two sizes of at least 16 whose kernels fit the GPU's shared memory, and the PyTorch
+reference (`reference.py`, the spec; autograd gives its backward) otherwise (the CPU, a linear memory, a ragged last
+chunk); `reference` always runs the reference; `triton` takes the kernels on any device (on CPU they then need
+`TRITON_INTERPRET=1`, which is how the tests run them). On an H200 the kernels match the exact float32
 reference to 1e-6 (IEEE products) and, in bf16, come closer to it than the reference's own bf16 matmuls
 (`scripts/bench_titans.py --parts scan`; projects/titans/README.md gives the numbers).
 """

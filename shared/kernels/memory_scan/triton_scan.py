@@ -9,10 +9,18 @@ and it writes the chunk's start state and its factors (a, delta_1, delta_2) for 
 (token) is independent given the chunk-start weights, so the kernels take its rows `R` at a time (`block_rows`), adding
 each block's part of the update to the state: what lives in registers beside the state is R rows of activations, not the
 chunk's (the backward of the `small` memory, compiled for Hopper, spilled 6.3 KB of stack a thread with its 64 rows at
-once, 0.35 KB with 16; the forward takes 32 rows without spilling). The backward keeps the carried state gradient in
-global memory (L1 / L2) between chunks and, in registers, only its product-dtype copies and the weights' gradient being
-accumulated. Products take the inputs' dtype (bf16 under autocast, as the reference's matmuls do) and accumulate in
-float32; the element-wise work between them stays in float32, where the reference rounds to the input dtype after each
+once, 0.35 KB with 16; the forward takes 32 rows without spilling).
+
+The backward is two kernels. The sequential one walks the chunks in reverse, carrying the state's gradient from each
+chunk's end to its start, and computes beside it only what needs the recomputed forward of the rows (d z, d v, the
+clip's factor); it writes the carried gradient at every chunk boundary to (BH, NC + 1, ...) arrays, as large as the
+forward's chunk-start states. A second kernel, a program per chunk, then derives from them and the forward's factors
+what no later chunk needs: the decays', `end`'s and the keys' gradients. Splitting it so shortened the sequential
+chain by a quarter on an H100 (1.52 -> 1.14 ms at T = 1,024, 4.88 -> 3.51 ms at 8,192 for a layer of the `small`
+memory at 32,768 tokens) for about 0.45 ms of parallel work and, at 8,192, 315 MB more peak memory per layer.
+
+Products take the inputs' dtype (bf16 under autocast, as the reference's matmuls do) and accumulate in float32; the
+element-wise work between them stays in float32, where the reference rounds to the input dtype after each
 operation.
 """
 
@@ -66,25 +74,32 @@ if triton is not None:
         return tl.load(end_ptr + rows * 2).to(tl.float32), tl.load(end_ptr + rows * 2 + 1).to(tl.float32)
 
     @triton.jit
-    def _state_gradient_before_rows(w_start_ptr, s_start_ptr, gw_start_ptr, gs_start_ptr, dw_ptr, ds_ptr, chunk, bh,
-                                    keep_w, keep_s, keep_m, dt: tl.constexpr, ROWS: tl.constexpr,
-                                    COLS: tl.constexpr):
-        """One layer's part of a chunk's backward that needs no row: from the carried gradients dW, dS of the
-        chunk's end state, the decays' gradients (d A, d D, d E as a (4,) vector, the last 0), the momentum's
-        gradient at the chunk start (stored over dS), and the weights' gradient at the chunk start but for the rows'
-        part, A dW + gW, with the product-dtype copies of W, dW and dS that the rows use."""
+    def _carry_before_rows(w_start_ptr, gw_start_ptr, gs_start_ptr, dw_ptr, ds_ptr, chunk, carried,
+                           keep_w, keep_s, keep_m, dt: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """One layer's part of carrying the state's gradient over a chunk that needs no row. From the gradients
+        dW, dS of the chunk's end state (the `carried`-th of the (BH, NC + 1) arrays at dw_ptr, ds_ptr; W' = A W +
+        D S + U_W, S' = E S + U_S): the momentum's gradient at the chunk start, stored one index lower, and the
+        weights' gradient at the chunk start but for the rows' part, A dW + gW (the rows add theirs), with the
+        product-dtype copies of W, dW and dS that the rows use."""
+        dw = _ld(dw_ptr, carried, ROWS, COLS)
+        ds = _ld(ds_ptr, carried, ROWS, COLS)
+        _st(ds_ptr, carried - 1, keep_s * dw + keep_m * ds + _ld(gs_start_ptr, chunk, ROWS, COLS), ROWS, COLS)
+        dw_start = keep_w * dw + _ld(gw_start_ptr, chunk, ROWS, COLS)
+        return _ld(w_start_ptr, chunk, ROWS, COLS).to(dt), dw.to(dt), ds.to(dt), dw_start
+
+    @triton.jit
+    def _decay_gradients(w_start_ptr, s_start_ptr, dw_ptr, ds_ptr, chunk, carried, ROWS: tl.constexpr,
+                         COLS: tl.constexpr):
+        """One layer's gradients dW, dS of a chunk's end state and its part of the decays' gradients (d A, d D, d E
+        as a (4,) vector, the last 0; W' = A W + D S + U_W, S' = E S + U_S)."""
         w = _ld(w_start_ptr, chunk, ROWS, COLS)
         s = _ld(s_start_ptr, chunk, ROWS, COLS)
-        dw = _ld(dw_ptr, bh, ROWS, COLS)
-        ds = _ld(ds_ptr, bh, ROWS, COLS)
+        dw = _ld(dw_ptr, carried, ROWS, COLS)
+        ds = _ld(ds_ptr, carried, ROWS, COLS)
         d_keep = tl.where(tl.arange(0, 4) == 0, tl.sum(tl.sum(dw * w, 1), 0), 0.0)
         d_keep += tl.where(tl.arange(0, 4) == 1, tl.sum(tl.sum(dw * s, 1), 0), 0.0)
         d_keep += tl.where(tl.arange(0, 4) == 2, tl.sum(tl.sum(ds * s, 1), 0), 0.0)
-        ds_start = keep_s * dw + keep_m * ds + _ld(gs_start_ptr, chunk, ROWS, COLS)
-        dw_start = keep_w * dw + _ld(gw_start_ptr, chunk, ROWS, COLS)
-        tl.debug_barrier()  # every thread has read dS before it is overwritten
-        _st(ds_ptr, bh, ds_start, ROWS, COLS)
-        return w.to(dt), dw.to(dt), ds.to(dt), dw_start, d_keep
+        return dw, ds, d_keep
 
     @triton.jit
     def _memory_scan_fwd(
@@ -140,36 +155,34 @@ if triton is not None:
     @triton.jit
     def _memory_scan_bwd(
         k_ptr, v_ptr, end_ptr, decay_ptr,
-        w1_start_ptr, w2_start_ptr, s1_start_ptr, s2_start_ptr,      # the forward's chunk-start states
-        gw1_start_ptr, gw2_start_ptr, gs1_start_ptr, gs2_start_ptr,  # their gradients (from the reads)
+        w1_start_ptr, w2_start_ptr,                                  # the forward's chunk-start weights
+        gw1_start_ptr, gw2_start_ptr, gs1_start_ptr, gs2_start_ptr,  # the chunk-start states' gradients (reads)
         ga_ptr, gd1_ptr, gd2_ptr,                                    # gradients of the factors (from the reads)
-        dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,  # in: gradients of the final state; out: of the initial state
-        dk_ptr, dv_ptr, dend_ptr, ddecay_ptr,
+        dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,  # (BH, NC + 1, ...): in at NC the final state's gradient, out at c < NC
+                                             # the gradient of chunk c's start state
+        dz_ptr, dv_ptr, clip_ptr,            # (BH, NC, N, DH) d z, (BH, NC, N, DO) d v, (BH, NC, N) the clip's d k / k
         NC, max_norm,
         N: tl.constexpr, R: tl.constexpr, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, CLIP: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        """The chunks in reverse: recompute a chunk's forward from its saved start state, back-propagate the
-        gradients of its end state and of its outputs, and carry the state's gradient to the chunk before. The
-        carried gradient lives in dw1_ptr..ds2_ptr (L1 / L2) between chunks, so that only its product-dtype copies
-        and the two accumulated gradients stay in registers through the chunk's rows."""
+        """The sequential half of the backward: the chunks in reverse, each recomputing its forward from its saved
+        start state and carrying the state's gradient from its end to its start through the decays and through every
+        row's update. It computes only what the carry needs, and what no later chunk needs but only it can give
+        (d z, d v, the clip's factor); `_memory_scan_bwd_outputs` derives the rest in parallel over the chunks. The
+        carried gradient lives in dw1_ptr..ds2_ptr (L1 / L2), so that only its product-dtype copies and the two
+        accumulated gradients stay in registers through the chunk's rows."""
         bh = tl.program_id(0).to(tl.int64)
         dt = k_ptr.dtype.element_ty
         for i in range(NC):
             chunk = bh * NC + NC - 1 - i
+            carried = chunk + bh + 1  # chunk c's end state in the (BH, NC + 1) arrays: bh (NC + 1) + c + 1
             keep_w = tl.load(decay_ptr + chunk * 3)
             keep_s = tl.load(decay_ptr + chunk * 3 + 1)
             keep_m = tl.load(decay_ptr + chunk * 3 + 2)
-            # layer by layer (four state-sized matrices at a time): the decays' gradients (W' = A W + D S + U_W,
-            # S' = E S + U_S), the momentum's gradient at the chunk start, and the part of the weights' that does not
-            # pass through the memory's forward (the rows add theirs below)
-            w1_dt, dw1_dt, ds1_dt, dw1, d_keep_1 = _state_gradient_before_rows(
-                w1_start_ptr, s1_start_ptr, gw1_start_ptr, gs1_start_ptr, dw1_ptr, ds1_ptr, chunk, bh,
-                keep_w, keep_s, keep_m, dt, D0, DH)
-            w2_dt, dw2_dt, ds2_dt, dw2, d_keep_2 = _state_gradient_before_rows(
-                w2_start_ptr, s2_start_ptr, gw2_start_ptr, gs2_start_ptr, dw2_ptr, ds2_ptr, chunk, bh,
-                keep_w, keep_s, keep_m, dt, DH, DO)
-            tl.store(ddecay_ptr + chunk * 3 + tl.arange(0, 4), d_keep_1 + d_keep_2, mask=tl.arange(0, 4) < 3)
+            w1_dt, dw1_dt, ds1_dt, dw1 = _carry_before_rows(w1_start_ptr, gw1_start_ptr, gs1_start_ptr, dw1_ptr,
+                                                            ds1_ptr, chunk, carried, keep_w, keep_s, keep_m, dt, D0, DH)
+            w2_dt, dw2_dt, ds2_dt, dw2 = _carry_before_rows(w2_start_ptr, gw2_start_ptr, gs2_start_ptr, dw2_ptr,
+                                                            ds2_ptr, chunk, carried, keep_w, keep_s, keep_m, dt, DH, DO)
             for r in range(N // R):
                 row = chunk * N + r * R
                 k = tl.load(_matrix(k_ptr + row * D0, R, D0))
@@ -189,27 +202,16 @@ if triton is not None:
                     dd1, dd2 = tl.sum(delta1_raw * delta1_raw, 1), tl.sum(delta2_raw * delta2_raw, 1)
                     sq = 4 * (kk * dd1 + aa * dd2)
                     scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
-                    delta1 = (delta1_raw * scale[:, None]).to(dt).to(tl.float32)
                     delta2 = (delta2_raw * scale[:, None]).to(dt).to(tl.float32)
                 else:
-                    delta1 = delta1_raw.to(dt).to(tl.float32)
                     delta2 = delta2_raw.to(dt).to(tl.float32)
-                # the updates U = a_{l-1}^T (delta_l * end): gradients of delta, a_{l-1} and end
-                k_dw1 = dot(k, dw1_dt, None, PRECISION, UPCAST)  # (R, DH)
-                k_ds1 = dot(k, ds1_dt, None, PRECISION, UPCAST)
-                a_dw2 = dot(a.to(dt), dw2_dt, None, PRECISION, UPCAST)  # (R, DO)
-                a_ds2 = dot(a.to(dt), ds2_dt, None, PRECISION, UPCAST)
-                g_delta1 = k_dw1 * end_w[:, None] + k_ds1 * end_s[:, None]
+                # the updates U = a_{l-1}^T (delta_l * end): gradients of delta and a (layer 2's input)
+                g_delta1 = (dot(k, dw1_dt, None, PRECISION, UPCAST) * end_w[:, None]
+                            + dot(k, ds1_dt, None, PRECISION, UPCAST) * end_s[:, None])  # (R, DH)
                 g_delta1 += tl.load(_matrix(gd1_ptr + row * DH, R, DH)).to(tl.float32)
-                g_delta2 = a_dw2 * end_w[:, None] + a_ds2 * end_s[:, None]
+                g_delta2 = (dot(a.to(dt), dw2_dt, None, PRECISION, UPCAST) * end_w[:, None]
+                            + dot(a.to(dt), ds2_dt, None, PRECISION, UPCAST) * end_s[:, None])  # (R, DO)
                 g_delta2 += tl.load(_matrix(gd2_ptr + row * DO, R, DO)).to(tl.float32)
-                rows = row + tl.arange(0, R)
-                d_end_w = tl.sum(k_dw1 * delta1, 1) + tl.sum(a_dw2 * delta2, 1)
-                d_end_s = tl.sum(k_ds1 * delta1, 1) + tl.sum(a_ds2 * delta2, 1)
-                tl.store(dend_ptr + rows * 2, d_end_w.to(dend_ptr.dtype.element_ty))
-                tl.store(dend_ptr + rows * 2 + 1, d_end_s.to(dend_ptr.dtype.element_ty))
-                dk = dot((delta1 * end_w[:, None]).to(dt), tl.trans(dw1_dt), None, PRECISION, UPCAST)
-                dk = dot((delta1 * end_s[:, None]).to(dt), tl.trans(ds1_dt), dk, PRECISION, UPCAST)  # (R, D0)
                 da = dot((delta2 * end_w[:, None]).to(dt), tl.trans(dw2_dt), None, PRECISION, UPCAST)
                 da = dot((delta2 * end_s[:, None]).to(dt), tl.trans(ds2_dt), da, PRECISION, UPCAST)  # (R, DH)
                 da += tl.load(_matrix(ga_ptr + row * DH, R, DH)).to(tl.float32)
@@ -219,7 +221,7 @@ if triton is not None:
                     g_delta2_raw = g_delta2 * scale[:, None]
                     d_scale = tl.sum(g_delta1 * delta1_raw, 1) + tl.sum(g_delta2 * delta2_raw, 1)
                     d_sq = tl.where(sq > max_norm * max_norm, -0.5 * d_scale * scale / sq, 0.0)  # d scale / d sq
-                    dk += (8 * d_sq * dd1)[:, None] * kf
+                    tl.store(clip_ptr + row + tl.arange(0, R), 8 * d_sq * dd1)  # d k += this * k
                     g_delta1_raw += (8 * d_sq * kk)[:, None] * delta1_raw
                     da += (8 * d_sq * dd2)[:, None] * a
                     g_delta2_raw += (8 * d_sq * aa)[:, None] * delta2_raw
@@ -232,14 +234,57 @@ if triton is not None:
                 dw2 = dot(tl.trans(g_back.to(dt)), delta2_raw.to(dt), dw2, PRECISION, UPCAST)  # (DH, DO)
                 da += dot(g_delta2_raw.to(dt), tl.trans(w2_dt), None, PRECISION, UPCAST)
                 dw2 = dot(tl.trans(a.to(dt)), g_delta2_raw.to(dt), dw2, PRECISION, UPCAST)
-                dz += da * slope
-                dk = dot(dz.to(dt), tl.trans(w1_dt), dk, PRECISION, UPCAST)
-                dw1 = dot(tl.trans(k), dz.to(dt), dw1, PRECISION, UPCAST)  # (D0, DH)
-                tl.store(_matrix(dk_ptr + row * D0, R, D0), dk.to(dk_ptr.dtype.element_ty))
+                dz = (dz + da * slope).to(dt)
+                dw1 = dot(tl.trans(k), dz, dw1, PRECISION, UPCAST)  # (D0, DH)
+                tl.store(_matrix(dz_ptr + row * DH, R, DH), dz)
                 tl.store(_matrix(dv_ptr + row * DO, R, DO), (-g_delta2_raw).to(dv_ptr.dtype.element_ty))
-            _st(dw1_ptr, bh, dw1, D0, DH)
-            _st(dw2_ptr, bh, dw2, DH, DO)
+            _st(dw1_ptr, carried - 1, dw1, D0, DH)
+            _st(dw2_ptr, carried - 1, dw2, DH, DO)
             tl.debug_barrier()  # the next chunk reads the carried gradient back
+
+    @triton.jit
+    def _memory_scan_bwd_outputs(
+        k_ptr, end_ptr, a_ptr, d1_ptr, d2_ptr, dz_ptr, clip_ptr,   # the forward's factors, the sequential half's
+        w1_start_ptr, w2_start_ptr, s1_start_ptr, s2_start_ptr,   # d z and clip factor
+        dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,                       # (BH, NC + 1, ...): the carried gradients
+        dk_ptr, dend_ptr, ddecay_ptr,
+        NC,
+        N: tl.constexpr, R: tl.constexpr, D0: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, CLIP: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """The parallel half of the backward, a program per chunk once `_memory_scan_bwd` has carried the state's
+        gradient to every chunk's end: the gradients of the decays, of `end` and of the keys. With P_l = delta_l dW_l^T
+        and Q_l = delta_l dS_l^T, row j's update to the state, a_{l-1,j}^T delta_{l,j} (end_W,j | end_S,j), gives
+        d end_W,j = sum_l a_{l-1,j} . P_l,j, d end_S,j the same with Q, and d k_j = end_W,j P_1,j + end_S,j Q_1,j
+        + d z_j W_1^T (+ the clip's part)."""
+        chunk = tl.program_id(0).to(tl.int64)
+        carried = chunk + chunk // NC + 1  # chunk c of memory bh ends at bh (NC + 1) + c + 1
+        dt = k_ptr.dtype.element_ty
+        dw1, ds1, d_keep_1 = _decay_gradients(w1_start_ptr, s1_start_ptr, dw1_ptr, ds1_ptr, chunk, carried, D0, DH)
+        dw2, ds2, d_keep_2 = _decay_gradients(w2_start_ptr, s2_start_ptr, dw2_ptr, ds2_ptr, chunk, carried, DH, DO)
+        tl.store(ddecay_ptr + chunk * 3 + tl.arange(0, 4), d_keep_1 + d_keep_2, mask=tl.arange(0, 4) < 3)
+        dw1_dt, ds1_dt, dw2_dt, ds2_dt = dw1.to(dt), ds1.to(dt), dw2.to(dt), ds2.to(dt)
+        w1_dt = _ld(w1_start_ptr, chunk, D0, DH).to(dt)
+        for r in range(N // R):
+            row = chunk * N + r * R
+            k = tl.load(_matrix(k_ptr + row * D0, R, D0))
+            a = tl.load(_matrix(a_ptr + row * DH, R, DH))
+            delta1 = tl.load(_matrix(d1_ptr + row * DH, R, DH))
+            delta2 = tl.load(_matrix(d2_ptr + row * DO, R, DO))
+            end_w, end_s = _load_ends(end_ptr, row, R)
+            p1 = dot(delta1, tl.trans(dw1_dt), None, PRECISION, UPCAST)  # (R, D0)
+            q1 = dot(delta1, tl.trans(ds1_dt), None, PRECISION, UPCAST)
+            p2 = dot(delta2, tl.trans(dw2_dt), None, PRECISION, UPCAST)  # (R, DH)
+            q2 = dot(delta2, tl.trans(ds2_dt), None, PRECISION, UPCAST)
+            kf, af = k.to(tl.float32), a.to(tl.float32)
+            rows = row + tl.arange(0, R)
+            tl.store(dend_ptr + rows * 2, (tl.sum(kf * p1, 1) + tl.sum(af * p2, 1)).to(dend_ptr.dtype.element_ty))
+            tl.store(dend_ptr + rows * 2 + 1, (tl.sum(kf * q1, 1) + tl.sum(af * q2, 1)).to(dend_ptr.dtype.element_ty))
+            dk = p1 * end_w[:, None] + q1 * end_s[:, None]
+            dk = dot(tl.load(_matrix(dz_ptr + row * DH, R, DH)), tl.trans(w1_dt), dk, PRECISION, UPCAST)
+            if CLIP:
+                dk += tl.load(clip_ptr + rows)[:, None] * kf
+            tl.store(_matrix(dk_ptr + row * D0, R, D0), dk.to(dk_ptr.dtype.element_ty))
 
 
 def _power_of_two(n: int) -> bool:
@@ -270,15 +315,16 @@ def product_dtype(k: Tensor) -> torch.dtype:
     return k.dtype
 
 
-FORWARD_ROWS, BACKWARD_ROWS = 32, 16
+BLOCK_ROWS = {"_memory_scan_fwd": 32, "_memory_scan_bwd": 16, "_memory_scan_bwd_outputs": 64}
 
 
-def block_rows(n: int, backward: bool) -> int:
-    """The rows of a chunk a kernel takes at a time (`R`): the activations of R rows live in registers beside the
+def block_rows(n: int, kernel) -> int:
+    """The rows of a chunk `kernel` takes at a time (`R`): the activations of R rows live in registers beside the
     state, those of a whole chunk of 64 would spill. Compiled for Hopper at the `small` memory the forward holds 32
-    rows without spilling (10.8 µs a chunk on an H100 against 13.5 at 16), the backward 16 (at 32 it spills 1.2 KB
-    a thread and runs slower)."""
-    return min(n, BACKWARD_ROWS if backward else FORWARD_ROWS)
+    rows without spilling (10.8 µs a chunk on an H100 against 13.5 at 16), the backward's sequential half 16 (at 32
+    it spills 1 KB a thread and ran slower: 1.24 against 1.14 ms at T = 1,024), its parallel half, which holds no
+    state, a whole chunk of 64 (0.43 ms at T = 8,192 on an H100, against 0.47-0.53 at 16 or 32)."""
+    return min(n, BLOCK_ROWS[kernel.fn.__name__])
 
 
 def launch_options(dh: int) -> dict:
@@ -290,27 +336,30 @@ def launch_options(dh: int) -> dict:
 @functools.cache
 def fits_shared_memory(device_index: int, dtype: torch.dtype, precision: str, n: int, d0: int, dh: int,
                        do: int) -> bool:
-    """Whether both kernels, compiled for this GPU (with the clip, the larger variant), ask for no more shared memory
-    than it has: the backward keeps the product-dtype copies of W, dW and dS of both layers (and their transposes)
-    there through a chunk's rows (at 64 x 128: 204 KB in bf16 and 220 KB in float32 with IEEE products, against 227 KB
-    on an H100 / H200; float32 with TF32 products asks for more, and an H100 sent it to the reference)."""
+    """Whether the three kernels, compiled for this GPU (with the clip, the larger variant), ask for no more shared
+    memory than it has: the backward's sequential half keeps the product-dtype copies of W, dW and dS of both layers
+    (and their transposes) there through a chunk's rows: at 64 x 128 in bf16 160 KB (Triton 3.8) of the 227 KB of an
+    H100 / H200. The backward before its split asked for 204 KB in bf16 and 220 KB in float32 with IEEE products;
+    float32 with TF32 products asked for more, and an H100 sent it to the reference."""
     f32 = torch.float32
     nc = 16  # Triton specializes integers divisible by 16, as the chunk counts of power-of-two lengths >= 16 b are:
     # the same specialization as those launches, rather than one compiled for this check alone
     options = dict(N=n, D0=d0, DH=dh, DO=do, CLIP=True, PRECISION=precision, UPCAST=False, **launch_options(dh))
     with torch.cuda.device(device_index):
         forward = _memory_scan_fwd.warmup(dtype, dtype, dtype, f32, *[f32] * 8, dtype, dtype, dtype, nc, 1.0,
-                                          grid=(1,), R=block_rows(n, backward=False), **options)
-        backward = _memory_scan_bwd.warmup(dtype, dtype, dtype, f32, *[f32] * 8, dtype, dtype, dtype, *[f32] * 4,
-                                           dtype, dtype, dtype, f32, nc, 1.0, grid=(1,), R=block_rows(n, backward=True),
+                                          grid=(1,), R=block_rows(n, _memory_scan_fwd), **options)
+        backward = _memory_scan_bwd.warmup(dtype, dtype, dtype, f32, *[f32] * 6, dtype, dtype, dtype, *[f32] * 4,
+                                           dtype, dtype, f32, nc, 1.0, grid=(1,), R=block_rows(n, _memory_scan_bwd),
                                            **options)
+        outputs = _memory_scan_bwd_outputs.warmup(*[dtype] * 6, f32, *[f32] * 8, dtype, dtype, f32, nc, grid=(1,),
+                                                  R=block_rows(n, _memory_scan_bwd_outputs), **options)
     limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-    return max(forward.metadata.shared, backward.metadata.shared) <= limit
+    return max(kernel.metadata.shared for kernel in (forward, backward, outputs)) <= limit
 
 
 class MemoryScanFunction(torch.autograd.Function):
-    """Autograd wrapper of the two kernels. Inputs: the state (w1, w2, s1, s2) float32, k, v, end of one dtype,
-    decay float32, all contiguous; outputs: the final state, every chunk's start state, and the factors."""
+    """Autograd wrapper of the kernels, forward and backward. Inputs: the state (w1, w2, s1, s2) float32, k, v, end of
+    one dtype, decay float32, all contiguous; outputs: the final state, every chunk's start state, and the factors."""
 
     @staticmethod
     def forward(ctx, w1: Tensor, w2: Tensor, s1: Tensor, s2: Tensor, k: Tensor, v: Tensor, end: Tensor,
@@ -323,30 +372,37 @@ class MemoryScanFunction(torch.autograd.Function):
         a, delta1, delta2 = k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, do)
         _memory_scan_fwd[(bh,)](
             k, v, end, decay, *final, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2,
-            nc, float(max_norm or 0.0), N=n, R=block_rows(n, backward=False), D0=d0, DH=dh, DO=do,
+            nc, float(max_norm or 0.0), N=n, R=block_rows(n, _memory_scan_fwd), D0=d0, DH=dh, DO=do,
             CLIP=max_norm is not None, **dot_options(k.dtype), **launch_options(dh),
         )
-        ctx.save_for_backward(k, v, end, decay, w1_start, w2_start, s1_start, s2_start)
+        ctx.save_for_backward(k, v, end, decay, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2)
         ctx.max_norm = max_norm
         return (*final, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        k, v, end, decay, w1_start, w2_start, s1_start, s2_start = ctx.saved_tensors
+        k, v, end, decay, w1_start, w2_start, s1_start, s2_start, a, delta1, delta2 = ctx.saved_tensors
         bh, nc, n, d0 = k.shape
         dh, do = w1_start.shape[3], w2_start.shape[3]
-        like = (w1_start[:, 0], w2_start[:, 0], s1_start[:, 0], s2_start[:, 0], w1_start, w2_start, s1_start,
-                s2_start, k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, dh), k.new_empty(bh, nc, n, do))
+        starts = (w1_start, w2_start, s1_start, s2_start)
+        like = (*(t[:, 0] for t in starts), *starts, a, delta1, delta2)
         grads = [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, like)]
-        state_grads = [g.float().clone() for g in grads[:4]]  # carried back to the initial state in place
-        dk, dv, dend = torch.empty_like(k), torch.empty_like(v), torch.empty_like(end)
+        # the state's gradient at every chunk boundary, [:, c] at chunk c's start: the final state's in, the rest
+        # filled by the sequential half (as much memory as the forward's chunk-start states, for the parallel half)
+        carried = [t.new_empty(bh, nc + 1, *t.shape[2:]) for t in starts]
+        for boundaries, g in zip(carried, grads[:4]):
+            boundaries[:, nc] = g
+        dz, dv = k.new_empty(bh, nc, n, dh), torch.empty_like(v)
+        clipping = ctx.max_norm is not None
         ddecay = torch.empty_like(decay)
-        _memory_scan_bwd[(bh,)](
-            k, v, end, decay, w1_start, w2_start, s1_start, s2_start, *grads[4:], *state_grads,
-            dk, dv, dend, ddecay, nc, float(ctx.max_norm or 0.0), N=n, R=block_rows(n, backward=True), D0=d0, DH=dh,
-            DO=do, CLIP=ctx.max_norm is not None, **dot_options(k.dtype), **launch_options(dh),
-        )
-        return (*state_grads, dk, dv, dend, ddecay, None)
+        clip_rows = k.new_empty(bh, nc, n, dtype=torch.float32) if clipping else ddecay  # unread without the clip
+        options = dict(N=n, D0=d0, DH=dh, DO=do, CLIP=clipping, **dot_options(k.dtype), **launch_options(dh))
+        _memory_scan_bwd[(bh,)](k, v, end, decay, w1_start, w2_start, *grads[4:], *carried, dz, dv, clip_rows, nc,
+                                float(ctx.max_norm or 0.0), R=block_rows(n, _memory_scan_bwd), **options)
+        dk, dend = torch.empty_like(k), torch.empty_like(end)
+        _memory_scan_bwd_outputs[(bh * nc,)](k, end, a, delta1, delta2, dz, clip_rows, *starts, *carried, dk, dend,
+                                             ddecay, nc, R=block_rows(n, _memory_scan_bwd_outputs), **options)
+        return (*(boundaries[:, 0].contiguous() for boundaries in carried), dk, dv, dend, ddecay, None)
 
 
 def memory_scan_triton(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...], k: Tensor, v: Tensor,
