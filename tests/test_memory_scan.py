@@ -212,7 +212,8 @@ def test_kernels_at_the_models_memory_size_fit_hopper_shared_memory_and_register
     earlier version asked for 444 KB in float32, which an H200 refused at launch), and the registers spill little (a
     whole chunk of rows at once spilled 1.6 KB / 6.3 KB a thread, and the backward ran 2.2 times slower on an H100).
     How little depends on Triton's version: with 3.8 (torch 2.14.1, the CI's) the forward and the parallel half spill
-    nothing and the sequential half 232 bytes; the bounds hold for 3.6 (torch 2.11, the GPU machine's) too."""
+    nothing and the sequential half 232 bytes (the one-kernel backward spilled 2.7 KB with 3.6, torch 2.11's; the
+    split kernels have not been compiled with 3.6 yet)."""
     import json
     import subprocess
     import sys
