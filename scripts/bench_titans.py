@@ -26,7 +26,8 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
               exact float32 (float32 IEEE and TF32, bf16 autocast), and ms.
   scan_time   the scan kernels' own device time (profiler), forward and backward, one `small` memory layer at
               Figure 9's shapes (6 heads x tokens / T memories of T / 64 chunks) at each of `--seq-lens`: the part
-              of a step that grows with T. GPU only; not in the default `--parts`.
+              of a step that grows with T, and the peak memory of one forward + backward. GPU only; not in the
+              default `--parts`.
   profile     where a training step's time goes (torch.profiler), per variant of `--profile-variants` at
               `--profile-len` (<variant> or <variant>+compile), with the default memory scan (the kernels on a
               GPU), not graphed: the step's wall time against the device's busy
@@ -658,7 +659,8 @@ class Bench:
         9's shapes: the `small` memory (64 -> 128 -> 64, b = 64, bf16 under autocast, no surprise clip) and
         6 heads x `--tokens-per-batch` / T memories of T / 64 chunks at each of `--seq-lens`. As T grows at a fixed
         number of tokens the memories get fewer and their chunks more, and the kernels walk each memory's chunks in
-        order: this is the part of a training step that grows with T. GPU only."""
+        order: this is the part of a training step that grows with T. Also the peak memory one forward + backward
+        allocates above its inputs. GPU only."""
         from torch.profiler import ProfilerActivity, profile
 
         from shared.kernels.memory_scan.triton_scan import memory_scan_triton
@@ -689,8 +691,12 @@ class Bench:
                     outputs = [*out.weights, *out.momentum, *out.w0, *out.s0, *out.inputs, *out.deltas]
                     torch.autograd.backward(outputs, [torch.ones_like(x) for x in outputs])
 
+                self.sync()
+                before = torch.cuda.memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
                 step()
                 self.sync()
+                peak_mb = (torch.cuda.max_memory_allocated(self.device) - before) / 2 ** 20
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(iters):
                         step()
@@ -700,7 +706,7 @@ class Bench:
                       for kind in ("fwd", "bwd", "bwd_outputs")}
                 row = {"memories": bh, "chunks": nc, "fwd_ms": ms["fwd"], "bwd_ms": ms["bwd"] + ms["bwd_outputs"],
                        "bwd_sequential_ms": ms["bwd"], "bwd_parallel_ms": ms["bwd_outputs"],
-                       "us_per_chunk": (ms["fwd"] + ms["bwd"]) / nc * 1e3}
+                       "us_per_chunk": (ms["fwd"] + ms["bwd"]) / nc * 1e3, "peak_mb": peak_mb}
             except Exception as exc:
                 row = self.failure(exc)
                 self.free()
@@ -710,7 +716,8 @@ class Bench:
             print(f"T={t:6d}: {status(v)}" if "fwd_ms" not in v else
                   f"T={t:6d} {v['memories']:4d} memories x {v['chunks']:4d} chunks: forward {v['fwd_ms']:.3f}, "
                   f"backward {v['bwd_ms']:.3f} ms (sequential {v['bwd_sequential_ms']:.3f} + parallel "
-                  f"{v['bwd_parallel_ms']:.3f}; {v['us_per_chunk']:.1f} us a chunk in sequence)")
+                  f"{v['bwd_parallel_ms']:.3f}; {v['us_per_chunk']:.1f} us a chunk in sequence; "
+                  f"{v.get('peak_mb', float('nan')):,.0f} MB peak above the inputs)")
         print_errors({"scan_time": self.results.get("scan_time", {})})
 
     def part_profile(self) -> None:
