@@ -659,8 +659,8 @@ class Bench:
         9's shapes: the `small` memory (64 -> 128 -> 64, b = 64, bf16 under autocast, no surprise clip) and
         6 heads x `--tokens-per-batch` / T memories of T / 64 chunks at each of `--seq-lens`. As T grows at a fixed
         number of tokens the memories get fewer and their chunks more, and the kernels walk each memory's chunks in
-        order: this is the part of a training step that grows with T. Also the peak memory one forward + backward
-        allocates above its inputs. GPU only."""
+        order: this is the part of a training step that grows with T. Also the most memory one forward + backward
+        allocates beyond what was allocated before it (its copies of the inputs included). GPU only."""
         from torch.profiler import ProfilerActivity, profile
 
         from shared.kernels.memory_scan.triton_scan import memory_scan_triton
@@ -717,7 +717,7 @@ class Bench:
                   f"T={t:6d} {v['memories']:4d} memories x {v['chunks']:4d} chunks: forward {v['fwd_ms']:.3f}, "
                   f"backward {v['bwd_ms']:.3f} ms (sequential {v['bwd_sequential_ms']:.3f} + parallel "
                   f"{v['bwd_parallel_ms']:.3f}; {v['us_per_chunk']:.1f} us a chunk in sequence; "
-                  f"{v.get('peak_mb', float('nan')):,.0f} MB peak above the inputs)")
+                  f"{v['peak_mb']:,.0f} MB allocated at the peak of one forward + backward)")
         print_errors({"scan_time": self.results.get("scan_time", {})})
 
     def part_profile(self) -> None:
