@@ -211,9 +211,9 @@ def test_kernels_at_the_models_memory_size_fit_hopper_shared_memory_and_register
     parallel half): the sequential half keeps twelve state-sized operands of its products in shared memory (an
     earlier version asked for 444 KB in float32, which an H200 refused at launch), and the registers spill little (a
     whole chunk of rows at once spilled 1.6 KB / 6.3 KB a thread, and the backward ran 2.2 times slower on an H100).
-    How little depends on Triton's version: with 3.8 (torch 2.14.1, the CI's) the forward and the parallel half spill
-    nothing and the sequential half 232 bytes (the one-kernel backward spilled 2.7 KB with 3.6, torch 2.11's; the
-    split kernels have not been compiled with 3.6 yet)."""
+    How little depends on Triton's version. Forward / sequential half / parallel half, bytes of stack a thread: with
+    3.8 (torch 2.14.1, the CI's) 0 / 232 / 0, with 3.6 (torch 2.11's, on an H100 on 2026-12-07) 8 / 224 / 240; the
+    one-kernel backward spilled 2.7 KB with 3.6."""
     import json
     import subprocess
     import sys
@@ -227,6 +227,6 @@ def test_kernels_at_the_models_memory_size_fit_hopper_shared_memory_and_register
     assert set(usage) == {"_memory_scan_fwd", "_memory_scan_bwd", "_memory_scan_bwd_outputs"}
     for name, u in usage.items():
         assert 0 < u["shared"] <= HOPPER_SHARED_MEMORY, f"{name}: {u['shared']} bytes of shared memory"
-    assert usage["_memory_scan_fwd"]["stack"] < 64, usage
-    assert usage["_memory_scan_bwd_outputs"]["stack"] < 64, usage
+    assert usage["_memory_scan_fwd"]["stack"] < 512, usage
+    assert usage["_memory_scan_bwd_outputs"]["stack"] < 512, usage
     assert usage["_memory_scan_bwd"]["stack"] < 3072, usage
