@@ -218,7 +218,7 @@ def test_kernels_at_the_models_memory_size_fit_hopper_shared_memory_and_register
     import subprocess
     import sys
 
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
@@ -227,6 +227,8 @@ def test_kernels_at_the_models_memory_size_fit_hopper_shared_memory_and_register
     assert set(usage) == {"_memory_scan_fwd", "_memory_scan_bwd", "_memory_scan_bwd_outputs"}
     for name, u in usage.items():
         assert 0 < u["shared"] <= HOPPER_SHARED_MEMORY, f"{name}: {u['shared']} bytes of shared memory"
-    assert usage["_memory_scan_fwd"]["stack"] < 512, usage
-    assert usage["_memory_scan_bwd_outputs"]["stack"] < 512, usage
+    # the bound each version was measured under: 3.8 spills nothing here, 3.6 up to 240 bytes
+    small_spill = 64 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8) else 512
+    assert usage["_memory_scan_fwd"]["stack"] < small_spill, usage
+    assert usage["_memory_scan_bwd_outputs"]["stack"] < small_spill, usage
     assert usage["_memory_scan_bwd"]["stack"] < 3072, usage
