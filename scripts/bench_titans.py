@@ -220,21 +220,35 @@ class Bench:
         chunk = data[idx]
         return chunk[:, :-1], chunk[:, 1:]
 
-    def train(self, model: TitansLM, steps: int, next_batch, lr: float) -> dict[str, Any]:
+    def train(self, model: TitansLM, steps: int, next_batch, lr: float, val_every: int = 0) -> dict[str, Any]:
         """AdamW + warm-up + cosine, bf16 autocast, gradient clipping at 1; returns wall time and last losses.
-        Stops early at the part's deadline (then `truncated` is True and `steps` says how many ran)."""
+        Stops early at the part's deadline (then `truncated` is True and `steps` says how many ran). With
+        `val_every`, the validation bits per byte every that many steps and at the end (`val_curve`, [step, bpb]
+        pairs); `train_s` leaves the evaluations out."""
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                                 fused=self.device.type == "cuda")
         warm = max(1, steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))))
         model.train()
-        losses = []
+        losses, curve = [], []
+        evaluating = 0.0
+
+        def validate(step: int) -> None:
+            nonlocal evaluating
+            self.sync()
+            t = time.perf_counter()
+            curve.append([step, self.val_loss(model, self.args.seq_len, self.args.val_batches) / math.log(2)])
+            model.train()
+            evaluating += time.perf_counter() - t
+
         self.sync()
         start = time.perf_counter()
         for step in range(steps):
             if step and step % 10 == 0 and self.out_of_time():
                 break
+            if val_every and step and step % val_every == 0:
+                validate(step)
             x, y = next_batch()
             with self.amp:
                 logits = model(x)
@@ -245,11 +259,14 @@ class Bench:
             opt.zero_grad(set_to_none=True)
             sched.step()
             losses.append(loss.detach())
+        if val_every:
+            validate(len(losses))
         self.sync()
         tail = torch.stack(losses[-10:]).float().mean().item()
         bad = (~torch.stack(losses).isfinite()).nonzero()
-        return {"train_s": time.perf_counter() - start, "steps": len(losses), "truncated": len(losses) < steps,
-                "train_loss": tail, "finite": not len(bad), "first_non_finite_step": int(bad[0]) if len(bad) else None}
+        return {"train_s": time.perf_counter() - start - evaluating, "steps": len(losses),
+                "truncated": len(losses) < steps, "train_loss": tail, "finite": not len(bad),
+                "first_non_finite_step": int(bad[0]) if len(bad) else None, **({"val_curve": curve} if val_every else {})}
 
     @torch.no_grad()
     def val_loss(self, model: TitansLM, seq_len: int, batches: int) -> float:
@@ -295,7 +312,8 @@ class Bench:
             try:
                 model = self.model(variant)
                 gen = torch.Generator().manual_seed(a.seed)
-                stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr)
+                stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr,
+                                   a.val_every)
                 loss = self.val_loss(model, a.seq_len, a.val_batches)
                 row = {"params": sum(p.numel() for p in model.parameters()), **stats, "val_loss": loss,
                        "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
@@ -319,6 +337,8 @@ class Bench:
                 continue
             print(f"{k:12s} {v['params'] / 1e6:8.2f}M {v['val_bpb']:8.4f} {v['val_ppl']:8.3f} "
                   f"{v['val_bpb'] / best:8.3f} {v['train_s']:8.1f} {v['steps']:6d}{' truncated' * v['truncated']}")
+            if "val_curve" in v:
+                print(f"{'':12s} val bpb by step: " + ", ".join(f"{step}: {bpb:.3f}" for step, bpb in v["val_curve"]))
 
     def part_ablation(self) -> None:
         a = self.args
@@ -332,7 +352,8 @@ class Bench:
                 else:
                     model = self.model("lmm", **overrides)
                     gen = torch.Generator().manual_seed(a.seed)
-                    stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr)
+                    stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr,
+                                       a.val_every)
                     loss = self.val_loss(model, a.seq_len, a.val_batches)
                     del model
                 row = {"val_loss": loss, "val_bpb": loss / math.log(2), "paper_ppl": paper, **stats}
@@ -993,6 +1014,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--chunk", type=int, default=64, help="memory chunk size b")
     p.add_argument("--val-batches", type=int, default=16)
+    p.add_argument("--val-every", type=int, default=0,
+                   help="lm / ablation parts: validation every this many steps as well (a curve; 0: at the end only)")
     p.add_argument("--niah-steps", type=int, default=60)
     p.add_argument("--niah-batch", type=int, default=8)
     p.add_argument("--niah-train-len", type=int, default=1024)

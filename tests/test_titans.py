@@ -492,6 +492,25 @@ def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeyp
     assert "error: RuntimeError" in out and "no such kernel" in out
 
 
+def test_bench_lm_part_records_a_validation_curve(tmp_path, monkeypatch, load_script):
+    """`--val-every` evaluates during training as well: every row of the lm and ablation parts gets a curve at those
+    steps and at the end, and the lm row's last point is its reported validation."""
+    import json
+
+    bench = load_script("bench_titans")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "lm,ablation", "--variants", "transformer,lmm",
+                                     "--steps", "5", "--val-every", "2", "--json", "lm.json"])
+    bench.main()
+    saved = json.loads((tmp_path / "lm.json").read_text())
+    for variant, row in saved["lm"].items():
+        assert [step for step, _ in row["val_curve"]] == [2, 4, 5], variant
+        assert row["val_curve"][-1][1] == pytest.approx(row["val_bpb"]), variant
+        assert row["val_curve"][0][1] != row["val_curve"][-1][1], variant  # the model trained in between
+    ablations = {k: v for k, v in saved["ablation"]["rows"].items() if k != "LMM"}
+    assert ablations and all([s for s, _ in r["val_curve"]] == [2, 4, 5] for r in ablations.values())
+
+
 def _train_small_lmm(memory: dict, steps: int = 14, batch: int = 2) -> list[float]:
     """The benchmark's LMM `small` on Wikipedia bytes, its optimiser and lr (warm-up to 1.5e-3 over 10 steps)."""
     from shared.data.text import wikipedia_text
