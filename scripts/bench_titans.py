@@ -96,13 +96,13 @@ WORK_KINDS = (
     ("optimizer", r"multi_tensor|adam|_foreach"),
     ("elementwise, reductions, copies", r"."),
 )
-ABLATIONS = {  # Table 5: (name, overrides of the LMM base, paper ppl at 400M / 15B)
-    "LMM": ({}, 27.01),
-    "Linear Memory": ({"memory": {"depth": 1}}, 28.49),
-    "w/o Convolution": ({"memory": {"conv": False}}, 28.73),
-    "w/o Momentum": ({"memory": {"momentum": False}}, 28.98),
-    "w/o Weight Decay": ({"memory": {"forgetting": False}}, 29.04),
-    "w/o Persistent Memory": ({"num_persistent": 0}, 27.63),
+ABLATIONS = {  # Table 5, keyed by their experiment configs: (name, overrides of the LMM base, paper ppl, 400M / 15B)
+    "lmm": ("LMM", {}, 27.01),
+    "linear_memory": ("Linear Memory", {"memory": {"depth": 1}}, 28.49),
+    "no_convolution": ("w/o Convolution", {"memory": {"conv": False}}, 28.73),
+    "no_momentum": ("w/o Momentum", {"memory": {"momentum": False}}, 28.98),
+    "no_weight_decay": ("w/o Weight Decay", {"memory": {"forgetting": False}}, 29.04),
+    "no_persistent_memory": ("w/o Persistent Memory", {"num_persistent": 0}, 27.63),
 }
 
 
@@ -342,7 +342,7 @@ class Bench:
 
     def part_ablation(self) -> None:
         a = self.args
-        for name, (overrides, paper) in ABLATIONS.items():
+        for name, overrides, paper in (ABLATIONS[key] for key in a.ablations):
             if self.out_of_time():
                 self.record(("ablation", "rows", name), {**SKIPPED, "paper_ppl": paper})
                 continue
@@ -1040,6 +1040,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x], default=list(VARIANTS),
                    help="models of the lm / niah / throughput parts (comma-separated)")
+    p.add_argument("--ablations", type=lambda s: [x for x in s.split(",") if x], default=list(ABLATIONS),
+                   help="rows of the ablation part (comma-separated; all by default)")
     p.add_argument("--memory", type=json.loads, default={},
                    help='NeuralMemory overrides for every memory variant, JSON (e.g. \'{"eta_max": 0.8}\')')
     if p.parse_known_args()[0].quick:  # tiny defaults; flags given explicitly still win
@@ -1054,6 +1056,8 @@ def main() -> None:
         torch._dynamo.config.cache_size_limit = 64  # compiled FlexAttention / chunk step per mask and shape
     if set(args.variants) - set(VARIANTS):
         p.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
+    if set(args.ablations) - set(ABLATIONS):
+        p.error(f"--ablations: unknown {sorted(set(args.ablations) - set(ABLATIONS))}; choose from {list(ABLATIONS)}")
     for flag, allowed in (("rows", set(ROW_FLAGS)), ("profile_variants", {"compile"})):
         for name in getattr(args, flag):
             try:

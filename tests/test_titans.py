@@ -494,21 +494,25 @@ def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeyp
 
 def test_bench_lm_part_records_a_validation_curve(tmp_path, monkeypatch, load_script):
     """`--val-every` evaluates during training as well: every row of the lm and ablation parts gets a curve at those
-    steps and at the end, and the lm row's last point is its reported validation."""
+    steps and at the end, and the lm row's last point is its reported validation; `--ablations` picks Table 5's
+    rows by their experiment names."""
     import json
 
     bench = load_script("bench_titans")
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "lm,ablation", "--variants", "transformer,lmm",
-                                     "--steps", "5", "--val-every", "2", "--json", "lm.json"])
+                                     "--ablations", "lmm,no_momentum", "--steps", "5", "--val-every", "2",
+                                     "--json", "lm.json"])
     bench.main()
     saved = json.loads((tmp_path / "lm.json").read_text())
     for variant, row in saved["lm"].items():
         assert [step for step, _ in row["val_curve"]] == [2, 4, 5], variant
         assert row["val_curve"][-1][1] == pytest.approx(row["val_bpb"]), variant
         assert row["val_curve"][0][1] != row["val_curve"][-1][1], variant  # the model trained in between
-    ablations = {k: v for k, v in saved["ablation"]["rows"].items() if k != "LMM"}
-    assert ablations and all([s for s, _ in r["val_curve"]] == [2, 4, 5] for r in ablations.values())
+    rows = saved["ablation"]["rows"]
+    assert set(rows) == {"LMM", "w/o Momentum"}  # the rows asked for; the LMM's is the lm part's own run
+    assert rows["LMM"]["val_bpb"] == saved["lm"]["lmm"]["val_bpb"]
+    assert [step for step, _ in rows["w/o Momentum"]["val_curve"]] == [2, 4, 5]
 
 
 def _train_small_lmm(memory: dict, steps: int = 14, batch: int = 2) -> list[float]:
