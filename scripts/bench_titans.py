@@ -223,8 +223,8 @@ class Bench:
     def train(self, model: TitansLM, steps: int, next_batch, lr: float, val_every: int = 0) -> dict[str, Any]:
         """AdamW + warm-up + cosine, bf16 autocast, gradient clipping at 1; returns wall time and last losses.
         Stops early at the part's deadline (then `truncated` is True and `steps` says how many ran). With
-        `val_every`, the validation bits per byte every that many steps and at the end (`val_curve`, [step, bpb]
-        pairs); `train_s` leaves the evaluations out."""
+        `val_every`, the validation bits per byte every that many steps (`val_curve`, [step, bpb] pairs);
+        `train_s` leaves the evaluations out."""
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                                 fused=self.device.type == "cuda")
         warm = max(1, steps // 10)
@@ -259,14 +259,25 @@ class Bench:
             opt.zero_grad(set_to_none=True)
             sched.step()
             losses.append(loss.detach())
-        if val_every:
-            validate(len(losses))
         self.sync()
         tail = torch.stack(losses[-10:]).float().mean().item()
         bad = (~torch.stack(losses).isfinite()).nonzero()
-        return {"train_s": time.perf_counter() - start - evaluating, "steps": len(losses),
-                "truncated": len(losses) < steps, "train_loss": tail, "finite": not len(bad),
-                "first_non_finite_step": int(bad[0]) if len(bad) else None, **({"val_curve": curve} if val_every else {})}
+        stats = {"train_s": time.perf_counter() - start - evaluating, "steps": len(losses),
+                 "truncated": len(losses) < steps, "train_loss": tail, "finite": not len(bad),
+                 "first_non_finite_step": int(bad[0]) if len(bad) else None}
+        return {**stats, "val_curve": curve} if val_every else stats
+
+    def fit_lm(self, model: TitansLM) -> tuple[dict[str, Any], float]:
+        """Train `model` on the lm part's batches (`--steps`, `--batch`, `--seq-len`, `--lr`, the same for every
+        model) and return `train`'s stats and the validation loss after it; with `--val-every` that validation
+        ends the curve."""
+        a = self.args
+        gen = torch.Generator().manual_seed(a.seed)
+        stats = self.train(model, a.steps, lambda: self.lm_batch(gen, a.batch, a.seq_len), a.lr, a.val_every)
+        loss = self.val_loss(model, a.seq_len, a.val_batches)
+        if a.val_every:
+            stats["val_curve"].append([stats["steps"], loss / math.log(2)])
+        return stats, loss
 
     @torch.no_grad()
     def val_loss(self, model: TitansLM, seq_len: int, batches: int) -> float:
@@ -311,10 +322,7 @@ class Bench:
                 continue
             try:
                 model = self.model(variant)
-                gen = torch.Generator().manual_seed(a.seed)
-                stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr,
-                                   a.val_every)
-                loss = self.val_loss(model, a.seq_len, a.val_batches)
+                stats, loss = self.fit_lm(model)
                 row = {"params": sum(p.numel() for p in model.parameters()), **stats, "val_loss": loss,
                        "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
                 self.models[variant] = model
@@ -351,10 +359,7 @@ class Bench:
                     loss, stats = self.results["lm"]["lmm"]["val_loss"], {"steps": self.results["lm"]["lmm"]["steps"]}
                 else:
                     model = self.model("lmm", **overrides)
-                    gen = torch.Generator().manual_seed(a.seed)
-                    stats = self.train(model, a.steps, lambda g=gen: self.lm_batch(g, a.batch, a.seq_len), a.lr,
-                                       a.val_every)
-                    loss = self.val_loss(model, a.seq_len, a.val_batches)
+                    stats, loss = self.fit_lm(model)
                     del model
                 row = {"val_loss": loss, "val_bpb": loss / math.log(2), "paper_ppl": paper, **stats}
             except Exception as exc:
