@@ -333,7 +333,7 @@ class Bench:
                 self.free()
             self.record(("lm", variant), row)
         rows = self.results["lm"]
-        ok = {k: v for k, v in rows.items() if "val_bpb" in v}
+        ok = measured(rows)
         best = min((v["val_bpb"] for v in ok.values()), default=float("nan"))
         print(f"\nLM, byte level, {a.steps} steps x {a.batch} x {a.seq_len} tokens "
               f"(unigram {self.results.get('unigram_bpb', float('nan')):.3f} bpb)")
@@ -369,7 +369,7 @@ class Bench:
                 self.free()
             self.record(("ablation", "rows", name), row)
         rows = self.results["ablation"]["rows"]
-        ok = {k: v for k, v in rows.items() if "val_bpb" in v}
+        ok = measured(rows)
         ours = sorted(ok, key=lambda k: ok[k]["val_bpb"])
         paper = sorted(ok, key=lambda k: ok[k]["paper_ppl"])
         self.results["ablation"].update(order_ours=ours, order_paper=paper, kendall_tau=kendall_tau(ours, paper))
@@ -379,8 +379,8 @@ class Bench:
               f"{self.results['ablation']['kendall_tau']:.2f} over {len(ok)} variants")
         print(f"{'variant':22s} {'val bpb':>8s} {'vs LMM':>7s} {'paper ppl':>9s}")
         for k in ours:
-            rel = ok[k]["val_bpb"] / base if base else float("nan")
-            print(f"{k:22s} {ok[k]['val_bpb']:8.4f} {rel:7.3f} {ok[k]['paper_ppl']:9.2f}"
+            rel = f"{ok[k]['val_bpb'] / base:7.3f}" if base else f"{'-':>7s}"  # no LMM row: no ratio
+            print(f"{k:22s} {ok[k]['val_bpb']:8.4f} {rel} {ok[k]['paper_ppl']:9.2f}"
                   f"{' truncated' * ok[k].get('truncated', False)}")
         for k, v in rows.items():
             if k not in ok:
@@ -939,12 +939,21 @@ def row_overrides(flags: set[str]) -> dict[str, Any]:
     return {"memory": {"compile_step": True}} if "compile" in flags else {}
 
 
+def measured(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rows with a finite validation loss: a diverged model's NaN would sort as the best and corrupt the order."""
+    return {k: v for k, v in rows.items() if math.isfinite(v.get("val_bpb", math.nan))}
+
+
 def status(row: dict[str, Any]) -> str:
-    """A table cell for an item without numbers: 'skipped' (budget), 'error: <reason>' or '-' (not asked for)."""
+    """A table cell for an item without numbers: 'skipped' (budget), 'diverged (NaN from step n)', 'error: <reason>'
+    or '-' (not asked for)."""
     if not row:
         return "-"
     if "skipped" in row:
         return "skipped"
+    if "val_bpb" in row:
+        step = row.get("first_non_finite_step")
+        return "diverged" + (f" (NaN from step {step})" if step is not None else "")
     return "error: " + ("OOM" if row["error"] == "out of memory" else row["error"].split(":")[0])
 
 

@@ -515,6 +515,18 @@ def test_bench_lm_part_records_a_validation_curve(tmp_path, monkeypatch, load_sc
     assert [step for step, _ in rows["w/o Momentum"]["val_curve"]] == [2, 4, 5]
 
 
+def test_bench_leaves_a_diverged_model_out_of_the_orderings(load_script):
+    """A model whose loss went NaN is reported as diverged, with its step, and takes no place in the ranking of the
+    finite ones (a NaN would otherwise sort first: the 1,000-step Table 5 run's model without weight decay)."""
+    bench = load_script("bench_titans")
+    rows = {"LMM": {"val_bpb": 1.94}, "w/o Weight Decay": {"val_bpb": math.nan, "first_non_finite_step": 124},
+            "Linear Memory": {"skipped": "time budget"}, "w/o Momentum": {"val_bpb": 1.99}}
+    assert list(bench.measured(rows)) == ["LMM", "w/o Momentum"]
+    assert bench.status(rows["w/o Weight Decay"]) == "diverged (NaN from step 124)"
+    assert bench.status({"val_bpb": math.nan, "first_non_finite_step": None}) == "diverged"
+    assert bench.status(rows["Linear Memory"]) == "skipped"
+
+
 def _train_small_lmm(memory: dict, steps: int = 14, batch: int = 2) -> list[float]:
     """The benchmark's LMM `small` on Wikipedia bytes, its optimiser and lr (warm-up to 1.5e-3 over 10 steps)."""
     from shared.data.text import wikipedia_text
