@@ -220,11 +220,12 @@ class Bench:
         chunk = data[idx]
         return chunk[:, :-1], chunk[:, 1:]
 
-    def train(self, model: TitansLM, steps: int, next_batch, lr: float, val_every: int = 0) -> dict[str, Any]:
+    def train(self, model: TitansLM, steps: int, next_batch, lr: float,
+              evaluate: Callable[[], float] | None = None, every: int = 0) -> dict[str, Any]:
         """AdamW + warm-up + cosine, bf16 autocast, gradient clipping at 1; returns wall time and last losses.
         Stops early at the part's deadline (then `truncated` is True and `steps` says how many ran). With
-        `val_every`, the validation bits per byte every that many steps (`val_curve`, [step, bpb] pairs);
-        `train_s` leaves the evaluations out."""
+        `evaluate` and `every`, its value every that many steps (`val_curve`, [step, value] pairs); `train_s`
+        leaves the evaluations out."""
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                                 fused=self.device.type == "cuda")
         warm = max(1, steps // 10)
@@ -238,7 +239,7 @@ class Bench:
             nonlocal evaluating
             self.sync()
             t = time.perf_counter()
-            curve.append([step, self.val_loss(model, self.args.seq_len, self.args.val_batches) / math.log(2)])
+            curve.append([step, evaluate()])
             model.train()
             evaluating += time.perf_counter() - t
 
@@ -247,7 +248,7 @@ class Bench:
         for step in range(steps):
             if step and step % 10 == 0 and self.out_of_time():
                 break
-            if val_every and step and step % val_every == 0:
+            if evaluate and every and step and step % every == 0:
                 validate(step)
             x, y = next_batch()
             with self.amp:
@@ -265,7 +266,7 @@ class Bench:
         stats = {"train_s": time.perf_counter() - start - evaluating, "steps": len(losses),
                  "truncated": len(losses) < steps, "train_loss": tail, "finite": not len(bad),
                  "first_non_finite_step": int(bad[0]) if len(bad) else None}
-        return {**stats, "val_curve": curve} if val_every else stats
+        return {**stats, "val_curve": curve} if evaluate and every else stats
 
     def fit_lm(self, model: TitansLM) -> tuple[dict[str, Any], float]:
         """Train `model` on the lm part's batches (`--steps`, `--batch`, `--seq-len`, `--lr`, the same for every
@@ -273,7 +274,11 @@ class Bench:
         ends the curve."""
         a = self.args
         gen = torch.Generator().manual_seed(a.seed)
-        stats = self.train(model, a.steps, lambda: self.lm_batch(gen, a.batch, a.seq_len), a.lr, a.val_every)
+
+        def val_bpb() -> float:
+            return self.val_loss(model, a.seq_len, a.val_batches) / math.log(2)
+
+        stats = self.train(model, a.steps, lambda: self.lm_batch(gen, a.batch, a.seq_len), a.lr, val_bpb, a.val_every)
         loss = self.val_loss(model, a.seq_len, a.val_batches)
         if a.val_every:
             stats["val_curve"].append([stats["steps"], loss / math.log(2)])
