@@ -360,8 +360,10 @@ class Bench:
                 self.record(("ablation", "rows", name), {**SKIPPED, "paper_ppl": paper})
                 continue
             try:
-                if name == "LMM" and "val_loss" in self.results.get("lm", {}).get("lmm", {}):
-                    loss, stats = self.results["lm"]["lmm"]["val_loss"], {"steps": self.results["lm"]["lmm"]["steps"]}
+                lm_row = self.results.get("lm", {}).get("lmm", {})
+                if name == "LMM" and "val_loss" in lm_row:  # the lm part trained this very model: its stats and curve
+                    loss = lm_row["val_loss"]
+                    stats = {k: v for k, v in lm_row.items() if k not in ("params", "val_loss", "val_ppl", "val_bpb")}
                 else:
                     model = self.model("lmm", **overrides)
                     stats, loss = self.fit_lm(model)
@@ -380,8 +382,9 @@ class Bench:
         self.results["ablation"].update(order_ours=ours, order_paper=paper, kendall_tau=kendall_tau(ours, paper))
         self.save()
         base = ok.get("LMM", {}).get("val_bpb")
+        tau = self.results["ablation"]["kendall_tau"]
         print(f"\nTable 5 ablations (LMM base), {a.steps} steps; Kendall tau of the orderings "
-              f"{self.results['ablation']['kendall_tau']:.2f} over {len(ok)} variants")
+              f"{'n/a' if tau is None else f'{tau:.2f}'} over {len(ok)} variants")
         print(f"{'variant':22s} {'val bpb':>8s} {'vs LMM':>7s} {'paper ppl':>9s}")
         for k in ours:
             rel = f"{ok[k]['val_bpb'] / base:7.3f}" if base else f"{'-':>7s}"  # no LMM row: no ratio
@@ -1010,14 +1013,17 @@ def profile_summary(events, steps: int, wall_s: float, cuda: bool, top: int = 12
     return summary
 
 
-def kendall_tau(a: list[str], b: list[str]) -> float:
-    """Rank agreement of two orderings of the same items (1: identical, -1: reversed)."""
+def kendall_tau(a: list[str], b: list[str]) -> float | None:
+    """Rank agreement of two orderings of the same items (1: identical, -1: reversed); None for fewer than two
+    items, which have no pair to agree on."""
     pos = {k: i for i, k in enumerate(b)}
     n, s = len(a), 0
+    if n < 2:
+        return None
     for i in range(n):
         for j in range(i + 1, n):
             s += 1 if pos[a[i]] < pos[a[j]] else -1
-    return s / max(1, n * (n - 1) // 2)
+    return s / (n * (n - 1) // 2)
 
 
 def main() -> None:

@@ -512,6 +512,7 @@ def test_bench_lm_part_records_a_validation_curve(tmp_path, monkeypatch, load_sc
     rows = saved["ablation"]["rows"]
     assert set(rows) == {"LMM", "w/o Momentum"}  # the rows asked for; the LMM's is the lm part's own run
     assert rows["LMM"]["val_bpb"] == saved["lm"]["lmm"]["val_bpb"]
+    assert rows["LMM"]["val_curve"] == saved["lm"]["lmm"]["val_curve"]  # the reused run keeps its curve
     assert [step for step, _ in rows["w/o Momentum"]["val_curve"]] == [2, 4, 5]
 
 
@@ -525,6 +526,8 @@ def test_bench_leaves_a_diverged_model_out_of_the_orderings(load_script):
     assert bench.status(rows["w/o Weight Decay"]) == "diverged (NaN from step 124)"
     assert bench.status({"val_bpb": math.nan, "first_non_finite_step": None}) == "diverged"
     assert bench.status(rows["Linear Memory"]) == "skipped"
+    assert bench.kendall_tau(["LMM"], ["LMM"]) is None  # one finite row: no pair to rank, not "no agreement"
+    assert bench.kendall_tau(["LMM", "w/o Momentum"], ["w/o Momentum", "LMM"]) == -1
 
 
 def _train_small_lmm(memory: dict, steps: int = 14, batch: int = 2) -> list[float]:
