@@ -20,10 +20,11 @@ command may take; run them as two commands of `--max-seconds 540` each (README.m
   chunk       the memory update alone (forward + backward): the token loop (the recurrence, b = 1) against the
               parallel chunked update (dual form eager and compiled, materialised form) at b = 64, and the loop at
               b = 64 (same math).
-  scan        the memory's chunk scan alone: the fused Triton kernels of `shared/kernels/memory_scan` against the
-              PyTorch reference loop, at the `tiny` and `small` memory shapes, without gradient and forward +
-              backward: each path's max relative difference of the outputs and gradients to the reference in
-              exact float32 (float32 IEEE and TF32, bf16 autocast), and ms.
+  scan        the memory's chunk scan alone: the fast paths of `shared/kernels/memory_scan` against the PyTorch
+              reference loop, the fused Triton kernels at the `tiny` and `small` memory shapes, the linear memory's
+              parallel prefix scan at `small`'s, without gradient and forward + backward: each path's max relative
+              difference of the outputs and gradients to the reference in exact float32 (float32 IEEE and TF32,
+              bf16 autocast), and ms.
   scan_time   the scan kernels' own device time (profiler), forward and backward, one `small` memory layer at
               Figure 9's shapes (6 heads x tokens / T memories of T / 64 chunks) at each of `--seq-lens`: the part
               of a step that grows with T, and the peak memory of one forward + backward. GPU only; not in the
@@ -593,20 +594,23 @@ class Bench:
         print_errors(self.results["chunk"])
 
     def part_scan(self) -> None:
-        """The chunk scan alone: the fused Triton kernels against the PyTorch reference loop, at the memory shapes
-        of `tiny` and `small`, without gradient (evaluation) and forward + backward (training). Both are measured
-        against the reference in exact float32 (IEEE products): in float32-IEEE the kernels must agree to rounding;
-        with TF32 or bf16 products the recurrence over the chunks amplifies rounding, and the reference's own
-        deviation in the same precision is the yardstick for the kernels'."""
-        from shared.kernels.memory_scan import memory_scan_reference
+        """The chunk scan alone: each fast path against the PyTorch reference loop, the fused Triton kernels at the
+        2-layer memory shapes of `tiny` and `small`, the parallel prefix scan (`affine.py`) at the linear memory of
+        `small` (the linear-memory ablation), without gradient (evaluation) and forward + backward (training). Both
+        are measured against the reference in exact float32 (IEEE products): in float32-IEEE the fast paths must
+        agree to rounding; with TF32 or bf16 products the recurrence over the chunks amplifies rounding, and the
+        reference's own deviation in the same precision is the yardstick for the fast path's. The Triton kernels
+        take the surprise clip (at 1.0), the prefix scan does not (the clip is not affine)."""
+        from shared.kernels.memory_scan import affine, memory_scan_reference
         from shared.kernels.memory_scan.triton_scan import memory_scan_triton, supports
 
         a = self.args
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             print("[scan] needs CUDA, or TRITON_INTERPRET=1 on the CPU (tests/test_memory_scan.py compares there)")
             return
-        shapes = {"tiny": (32, 64, 32), "small": (64, 128, 64)}  # head_dim, memory hidden width, chunk b
-        impls = {"reference": functools.partial(memory_scan_reference, act="silu"), "triton": memory_scan_triton}
+        # the memory's widths d_0 .. d_L and the chunk b
+        shapes = {"tiny": ((32, 64, 32), 32), "small": ((64, 128, 64), 64), "small_linear": ((64, 64), 64)}
+        fast_paths = {"triton": (memory_scan_triton, 1.0), "affine": (affine.memory_scan_affine, None)}
         modes = {"fp32_ieee": (torch.float32, "highest"), "fp32_tf32": (torch.float32, "high"),
                  "bf16": (torch.bfloat16, "high")}
         bh = 4 if a.quick else 48
@@ -618,16 +622,21 @@ class Bench:
             return max(float((x.float() - y.float()).abs().max() / y.float().abs().max()) for x, y in zip(xs, ys))
 
         for t in a.chunk_lens:
-            for size, (d, dh, b) in shapes.items():
+            for size, (widths, b) in shapes.items():
                 if self.out_of_time():
                     self.record(("scan", t, size), SKIPPED)
                     continue
-                row: dict[str, Any] = {}
+                fast = "affine" if len(widths) == 2 else "triton"
+                fast_scan, clip = fast_paths[fast]
+                impls = {"reference": functools.partial(memory_scan_reference, act="silu", max_surprise_norm=clip),
+                         fast: (fast_scan if clip is None else functools.partial(fast_scan, max_surprise_norm=clip))}
+                layers = len(widths) - 1
+                row: dict[str, Any] = {"fast_path": fast, "clip": clip}
                 try:
                     g = torch.Generator(device=self.device).manual_seed(0)
                     rand = functools.partial(torch.randn, generator=g, device=self.device)
-                    nc = t // b
-                    state = [rand(bh, d, dh) / d ** 0.5, rand(bh, dh, d) / dh ** 0.5]
+                    nc, d = t // b, widths[0]
+                    state = [rand(bh, d_in, d_out) / d_in ** 0.5 for d_in, d_out in zip(widths, widths[1:])]
                     state += [0.1 * rand(*w.shape) for w in state]
                     # bf16-exact inputs, so that every mode scans the same values
                     data = [x.bfloat16().float() for x in (F.normalize(rand(bh, nc, b, d), dim=-1),
@@ -635,14 +644,15 @@ class Bench:
                     decay = 0.5 + 0.5 * torch.rand(bh, nc, 3, generator=g, device=self.device)
 
                     def scan(impl: str, mode: str, train: bool, state: list[torch.Tensor] = state,
-                             data: list[torch.Tensor] = data, decay: torch.Tensor = decay):
+                             data: list[torch.Tensor] = data, decay: torch.Tensor = decay, impls: dict = impls,
+                             layers: int = layers):
                         dtype, precision = modes[mode]
                         leaves = [x.clone().requires_grad_() for x in (*state, *(x.to(dtype) for x in data), decay)]
                         with matmul_precision(precision):
                             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
                                 with torch.set_grad_enabled(train):
-                                    out = impls[impl](tuple(leaves[:2]), tuple(leaves[2:4]), *leaves[4:],
-                                                      max_surprise_norm=1.0)
+                                    out = impls[impl](tuple(leaves[:layers]), tuple(leaves[layers:2 * layers]),
+                                                      *leaves[2 * layers:])
                             if not train:
                                 return outputs(out), None
                             loss = sum(x.float().square().mean() for x in outputs(out))
@@ -651,10 +661,10 @@ class Bench:
                     exact, exact_grads = scan("reference", "fp32_ieee", True)
                     for mode, (dtype, precision) in modes.items():
                         with matmul_precision(precision):
-                            supported = supports(tuple(state[:2]), data[0].to(dtype), "silu")
+                            supported = fast == "affine" or supports(tuple(state[:layers]), data[0].to(dtype), "silu")
                         if not supported:  # here: the kernels do not fit the GPU's shared memory
-                            row[f"{mode}_triton"] = "not supported (`supports`: shared memory)"
-                        for impl in impls if f"{mode}_triton" not in row else ("reference",):
+                            row[f"{mode}_{fast}"] = "not supported (`supports`: shared memory)"
+                        for impl in impls if f"{mode}_{fast}" not in row else ("reference",):
                             values, grads = scan(impl, mode, True)
                             row[f"{mode}_{impl}_err"] = rel_err(values, exact)
                             row[f"{mode}_{impl}_grad_err"] = rel_err(grads, exact_grads)
@@ -667,23 +677,24 @@ class Bench:
                     self.free()
                 self.record(("scan", t, size), row)
         print(f"\nMemory chunk scan, {bh} memories: max relative difference to the exact float32 reference of the "
-              f"outputs / gradients, reference vs Triton; ms reference / Triton (speed-up)")
+              f"outputs / gradients, reference vs the fast path; ms reference / fast path (speed-up)")
         for t, r in self.results["scan"].items():
             for size, v in r.items():
                 if "fp32_ieee_reference_err" not in v:
                     print(f"T={t:6d} {size}: {status(v)}")
                     continue
+                fast = v["fast_path"]
                 for mode in modes:
-                    if f"{mode}_triton" in v:
-                        print(f"T={t:6d} {size} {mode}: Triton {v[f'{mode}_triton']}")
+                    if f"{mode}_{fast}" in v:
+                        print(f"T={t:6d} {size} {mode}: {fast} {v[f'{mode}_{fast}']}")
                         continue
-                    line = (f"T={t:6d} {size} {mode}: diff {v[f'{mode}_reference_err']:.1e} vs "
-                            f"{v[f'{mode}_triton_err']:.1e}, grad diff {v[f'{mode}_reference_grad_err']:.1e} vs "
-                            f"{v[f'{mode}_triton_grad_err']:.1e}")
-                    if f"{mode}_eval_triton_ms" in v:
+                    line = (f"T={t:6d} {size} {mode} ({fast}): diff {v[f'{mode}_reference_err']:.1e} vs "
+                            f"{v[f'{mode}_{fast}_err']:.1e}, grad diff {v[f'{mode}_reference_grad_err']:.1e} vs "
+                            f"{v[f'{mode}_{fast}_grad_err']:.1e}")
+                    if f"{mode}_eval_{fast}_ms" in v:
                         line += "; " + "  ".join(
-                            f"{phase} {v[f'{mode}_{phase}_reference_ms']:.2f} / {v[f'{mode}_{phase}_triton_ms']:.2f} "
-                            f"(x{v[f'{mode}_{phase}_reference_ms'] / v[f'{mode}_{phase}_triton_ms']:.1f})"
+                            f"{phase} {v[f'{mode}_{phase}_reference_ms']:.2f} / {v[f'{mode}_{phase}_{fast}_ms']:.2f} "
+                            f"(x{v[f'{mode}_{phase}_reference_ms'] / v[f'{mode}_{phase}_{fast}_ms']:.1f})"
                             for phase in ("eval", "train"))
                     print(line)
         print_errors(self.results["scan"])

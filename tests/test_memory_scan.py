@@ -1,4 +1,5 @@
-"""shared/kernels/memory_scan: the fused Triton scan of Titans' memory against the PyTorch reference."""
+"""shared/kernels/memory_scan: the fused Triton scan of Titans' memory and the linear memory's parallel prefix scan,
+against the PyTorch reference."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from shared.kernels import memory_scan as ms
+from shared.kernels.memory_scan.affine import memory_scan_affine
 from shared.kernels.memory_scan.reference import memory_scan_reference
 from tests.conftest import REPO, triton_kernel_module
 
@@ -121,9 +124,12 @@ def test_dispatcher_takes_the_kernels_on_cuda_by_default(triton_scan, monkeypatc
     assert ms.backend(weights, k, "silu") == "reference"
     monkeypatch.setenv(ms.ENV_VAR, "auto")
     assert ms.backend(weights, k, "gelu") == "reference"
-    monkeypatch.setenv(ms.ENV_VAR, "triton")  # any device; what the kernels do not take still goes to the reference
+    assert ms.backend(weights[:1], k, "silu") == ("affine" if DEVICE == "cuda" else "reference")
+    monkeypatch.setenv(ms.ENV_VAR, "triton")  # any device; what no fast path takes still goes to the reference
     assert ms.backend(weights, k, "silu") == "triton"
-    assert ms.backend(weights[:1], k, "silu") == ms.backend(weights, k[:, :, :12], "silu") == "reference"
+    assert ms.backend(weights[:1], k, "silu") == ms.backend(weights[:1], k[:, :, :12], "silu") == "affine"
+    assert ms.backend(weights[:1], k, "silu", max_surprise_norm=1.0) == "reference"  # the clip is not affine
+    assert ms.backend(weights, k[:, :, :12], "silu") == "reference"
     monkeypatch.setenv(ms.ENV_VAR, "sideways")
     with pytest.raises(ValueError, match="FORMERLAB_MEMORY_SCAN='sideways'"):
         ms.backend(weights, k, "silu")
@@ -157,6 +163,91 @@ def test_memory_through_the_kernels_equals_the_reference(triton_scan, monkeypatc
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for (name, _), g, e in zip(memory.named_parameters(), got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def linear_scan_inputs(nc: int, dtype: torch.dtype, n: int = 16, d: int = 8, bh: int = 3, seed: int = 0):
+    """A linear memory's state (d x d) and nc chunks, at the scales of `scan_inputs`, as leaves that need grad."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    leaves = [rand(bh, d, d) / d ** 0.5, 0.1 * rand(bh, d, d), F.normalize(rand(bh, nc, n, d), dim=-1),
+              rand(bh, nc, n, d), -0.1 * torch.rand(bh, nc, n, 2, generator=g, dtype=dtype),
+              0.5 + 0.5 * torch.rand(bh, nc, 3, generator=g, dtype=dtype)]
+    return [x.to(DEVICE).requires_grad_() for x in leaves]
+
+
+def linear_scan_outputs_and_grads(scan_fn, leaves: list[torch.Tensor]):
+    """Every output of the scan of a linear memory, and the gradients of a random outer loss on all of them."""
+    w, s, *rest = leaves
+    scan = scan_fn((w,), (s,), *rest)
+    outputs = [*scan.weights, *scan.momentum, *scan.w0, *scan.s0, *scan.inputs, *scan.deltas]
+    g = torch.Generator().manual_seed(1)
+    loss = sum((x.float() * torch.randn(x.shape, generator=g).to(DEVICE)).sum() for x in outputs)
+    return outputs, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("nc", [1, 5, 8])
+def test_affine_scan_equals_the_reference_in_float64(nc):
+    """The linear memory's chunk steps composed as affine maps (recursive doubling: nc = 5 leaves a round half
+    used) give the chunk-by-chunk loop's outputs and, through autograd, its gradients, to float64 rounding."""
+    leaves = linear_scan_inputs(nc, torch.float64)
+    expected, expected_grads = linear_scan_outputs_and_grads(memory_scan_reference, leaves)
+    got, got_grads = linear_scan_outputs_and_grads(memory_scan_affine, leaves)
+    assert len(got) == len(expected) == 5  # no layer inputs beyond the keys; one delta
+    for name, x, y in zip(["W", "S", "W0", "S0", "delta", "dW", "dS", "dk", "dv", "dend", "ddecay"],
+                          [*got, *got_grads], [*expected, *expected_grads]):
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        assert (x - y).abs().max() <= 1e-12 * y.abs().max(), name
+
+
+def test_affine_scan_over_64_chunks_in_float32_and_bf16_autocast():
+    """At the model's 64 chunks a sequence: in float32 the scan stays as close to the exact (float64) loop as the
+    float32 loop does. Under bf16 autocast (bf16 values, float32 keys, as the model has them) it multiplies in
+    float32, so its states land far closer than the loop's, whose matmuls run in bf16; both return the factors
+    (delta) in bf16, rounded alike."""
+    leaves = linear_scan_inputs(64, torch.float64, n=8, seed=5)
+    leaves[3] = leaves[3].detach().bfloat16().double().requires_grad_()  # values the bf16 copy holds exactly
+    exact = [x.detach() for x in linear_scan_outputs_and_grads(memory_scan_reference, leaves)[0]]
+
+    def errors(fn, autocast: bool) -> tuple[list[float], list[torch.dtype]]:
+        inputs = [x.detach().float() for x in leaves]
+        if autocast:
+            inputs[3] = inputs[3].bfloat16()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            outputs, _ = linear_scan_outputs_and_grads(fn, [x.requires_grad_() for x in inputs])
+        return ([float((x.detach().double() - y).abs().max() / y.abs().max()) for x, y in zip(outputs, exact)],
+                [x.dtype for x in outputs])
+
+    affine_f32, affine_f32_dtypes = errors(memory_scan_affine, False)
+    loop_f32, loop_f32_dtypes = errors(memory_scan_reference, False)
+    assert affine_f32_dtypes == loop_f32_dtypes == [torch.float32] * 5
+    assert max(affine_f32) < max(4 * max(loop_f32), 1e-6), (affine_f32, loop_f32)
+    affine_bf16, affine_dtypes = errors(memory_scan_affine, True)
+    loop_bf16, loop_dtypes = errors(memory_scan_reference, True)
+    assert affine_dtypes == loop_dtypes == [torch.float32] * 4 + [torch.bfloat16]
+    assert max(affine_bf16[:4]) < 1e-5 < max(loop_bf16[:4]), (affine_bf16, loop_bf16)  # W, S, W_0, S_0
+    assert affine_bf16[4] < 2 ** -8 and affine_bf16[4] <= 2 * loop_bf16[4], (affine_bf16, loop_bf16)  # delta
+
+
+def test_linear_memory_through_the_affine_scan_equals_the_reference(monkeypatch):
+    """The linear-memory ablation (depth 1) end to end: the memory's reads and its parameters' gradients are the
+    same through the prefix scan as through the chunk-by-chunk loop (50 tokens: four chunks of 16, the last padded)."""
+    from projects.titans.memory import NeuralMemory
+
+    torch.manual_seed(0)
+    memory = NeuralMemory(dim=32, num_heads=2, depth=1, chunk_size=16).to(DEVICE).double()
+    x = torch.randn(2, 50, 32, device=DEVICE, dtype=torch.float64)
+
+    def run(backend: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setenv(ms.ENV_VAR, backend)
+        assert ms.backend(tuple(memory.memory_init), x[:, None], memory.act) == backend.replace("triton", "affine")
+        reads = memory(x)
+        return reads, torch.autograd.grad(reads.square().mean(), list(memory.parameters()))
+
+    expected, expected_grads = run("reference")
+    got, got_grads = run("triton")
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for (name, _), g, e in zip(memory.named_parameters(), got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12, msg=name)
 
 
 HOPPER_SHARED_MEMORY = 232_448  # bytes per block on an H100 / H200 (Triton's `max_shared_mem`)

@@ -331,8 +331,9 @@ def test_short_training_beats_unigram():
 @pytest.mark.slow
 def test_bench_scan_part_measures_both_paths_against_the_exact_scan(tmp_path, monkeypatch, load_script):
     """`--parts scan` on the CPU (the kernels under the Triton interpreter): the exact float32 reference is its own
-    yardstick (difference 0), the kernels agree with it to rounding in IEEE float32, and both bf16 paths deviate by
-    bf16 rounding only; every mode that runs is timed."""
+    yardstick (difference 0), each fast path (the kernels for the 2-layer memories, the prefix scan for the linear
+    one) agrees with it to rounding in IEEE float32, and both bf16 paths deviate by bf16 rounding only; every mode
+    that runs is timed."""
     import json
 
     pytest.importorskip("triton")
@@ -343,11 +344,13 @@ def test_bench_scan_part_measures_both_paths_against_the_exact_scan(tmp_path, mo
     monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "scan", "--json", "scan.json"])
     bench.main()
     rows = json.loads((tmp_path / "scan.json").read_text())["scan"]["64"]
-    assert set(rows) == {"tiny", "small"}
+    assert {size: r["fast_path"] for size, r in rows.items()} == {"tiny": "triton", "small": "triton",
+                                                                  "small_linear": "affine"}
     for size, r in rows.items():
+        fast = r["fast_path"]
         assert r["fp32_ieee_reference_err"] == 0 and r["fp32_ieee_reference_grad_err"] == 0, size
-        assert r["fp32_ieee_triton_err"] < 1e-5 and r["fp32_ieee_triton_grad_err"] < 1e-4, (size, r)
-        for impl in ("reference", "triton"):
+        assert r[f"fp32_ieee_{fast}_err"] < 1e-5 and r[f"fp32_ieee_{fast}_grad_err"] < 1e-4, (size, r)
+        for impl in ("reference", fast):
             assert 0 < r[f"bf16_{impl}_err"] < 5e-2 and 0 < r[f"bf16_{impl}_grad_err"] < 0.1, (size, impl, r)
             assert r[f"bf16_train_{impl}_ms"] > 0 and r[f"fp32_tf32_eval_{impl}_ms"] > 0
 

@@ -112,6 +112,15 @@ def dual_advance(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...], k: T
     return tuple(new_w), tuple(new_s), inputs, deltas
 
 
+def product_dtype(k: Tensor) -> torch.dtype:
+    """The dtype the scan multiplies in: autocast's when it is on (CUDA autocast leaves the l2-normalised keys in
+    float32, and the reference's matmuls run in the autocast dtype), else the keys'. The Triton kernels multiply in
+    it; both fast paths return the factors (`ScanResult.inputs`, `.deltas`) in it, as the reference does."""
+    if torch.is_autocast_enabled(k.device.type):
+        return torch.get_autocast_dtype(k.device.type)
+    return k.dtype
+
+
 def _stack_chunks(per_chunk: Iterable[Sequence[Tensor]]) -> list[Tensor]:
     """Per-chunk lists of per-layer tensors (BH, ...) -> one tensor per layer (BH, n_chunks, ...)."""
     return [torch.stack(layer, dim=1) for layer in zip(*per_chunk)]

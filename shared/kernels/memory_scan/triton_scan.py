@@ -31,7 +31,7 @@ import functools
 import torch
 from torch import Tensor
 
-from shared.kernels.memory_scan.reference import ScanResult
+from shared.kernels.memory_scan.reference import ScanResult, product_dtype
 from shared.kernels.triton_common import dot_options, interpreting, triton
 
 if triton is not None:
@@ -305,14 +305,6 @@ def supports(weights: tuple[Tensor, ...], k: Tensor, act: str) -> bool:
         return True
     dtype = product_dtype(k)
     return fits_shared_memory(k.device.index or 0, dtype, dot_options(dtype)["PRECISION"], n, d0, dh, do)
-
-
-def product_dtype(k: Tensor) -> torch.dtype:
-    """The dtype the kernels multiply in: autocast's when it is on (the reference's matmuls run in it; CUDA autocast
-    leaves the l2-normalised keys in float32), else the keys'."""
-    if torch.is_autocast_enabled(k.device.type):
-        return torch.get_autocast_dtype(k.device.type)
-    return k.dtype
 
 
 BLOCK_ROWS = {"_memory_scan_fwd": 32, "_memory_scan_bwd": 16, "_memory_scan_bwd_outputs": 64}
