@@ -16,11 +16,11 @@ reference (`reference.py`, the spec; autograd gives its backward) otherwise. The
   whose chunk step is affine in the state.
 
 Anything else (a deeper memory, another activation, chunk lengths or widths the kernels do not take, a linear memory
-with the clip) takes the reference. `reference` always
-runs the reference; `triton` takes the fast paths on any device (the Triton kernels then need `TRITON_INTERPRET=1` on
-the CPU, which is how the tests run them). On an H200 the kernels match the exact float32 reference to 1e-6 (IEEE
-products) and, in bf16, come closer to it than the reference's own bf16 matmuls (`scripts/bench_titans.py --parts
-scan`; projects/titans/README.md gives the numbers).
+with the clip) takes the reference. `reference` always runs the reference; `triton` takes the fast paths on any
+device (the Triton kernels then need `TRITON_INTERPRET=1` on the CPU, which is how the tests run them). On an H200
+the kernels match the exact float32 reference to 1e-6 (IEEE products) and, in bf16, come closer to it than the
+reference's own bf16 matmuls; so does the prefix scan on an H100 (`scripts/bench_titans.py --parts scan`;
+projects/titans/README.md gives the numbers).
 """
 
 from __future__ import annotations
