@@ -115,7 +115,8 @@ def dual_advance(weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...], k: T
 def product_dtype(k: Tensor) -> torch.dtype:
     """The dtype the scan multiplies in: autocast's when it is on (CUDA autocast leaves the l2-normalised keys in
     float32, and the reference's matmuls run in the autocast dtype), else the keys'. The Triton kernels multiply in
-    it; both fast paths return the factors (`ScanResult.inputs`, `.deltas`) in it, as the reference does."""
+    it; the prefix scan returns its factors (`ScanResult.deltas`, M(k) - v) in it promoted with the values' dtype,
+    as the reference does."""
     if torch.is_autocast_enabled(k.device.type):
         return torch.get_autocast_dtype(k.device.type)
     return k.dtype
