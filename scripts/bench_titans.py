@@ -47,8 +47,10 @@ leaves unused goes to the later ones. An item that would start after its part's 
 "skipped" (the tables say so); a training run that reaches the deadline stops and is marked "truncated" with its
 step count; a real failure is recorded as "error" with its reason (out of memory frees the cache and the run goes
 on). The JSON is rewritten after every item, so a run killed from outside keeps what it measured. The quality
-parts use the SDPA path (`--train-backend`, no compilation); the throughput part uses `--attn-backend` (auto =
-FlexAttention on GPU) and falls back to SDPA, saying so, if FlexAttention fails.
+parts use the SDPA path (`--train-backend`, no compilation unless `--memory '{"compile_step": true}'`; `--cuda-graph`
+replays their training forward and backward as CUDA graphs) and report validation bits per byte over
+`--val-positions` spans of the sequence as well; the throughput part uses `--attn-backend` (auto = FlexAttention on
+GPU) and falls back to SDPA, saying so, if FlexAttention fails.
 
 Text: `--text <file>` (e.g. ~/.cache/formerlab/wikipedia-*.txt written by shared.data.text.wikipedia_text());
 without it the script builds the text itself (needs gensim) or falls back to Python's pydoc topics.
@@ -222,11 +224,15 @@ class Bench:
         return chunk[:, :-1], chunk[:, 1:]
 
     def train(self, model: TitansLM, steps: int, next_batch, lr: float,
-              evaluate: Callable[[], float] | None = None, every: int = 0) -> dict[str, Any]:
+              evaluate: Callable[[], float] | None = None, every: int = 0, cuda_graph: bool = False) -> dict[str, Any]:
         """AdamW + warm-up + cosine, bf16 autocast, gradient clipping at 1; returns wall time and last losses.
         Stops early at the part's deadline (then `truncated` is True and `steps` says how many ran). With
         `evaluate` and `every`, its value every that many steps (`val_curve`, [step, value] pairs); `train_s`
-        leaves the evaluations out."""
+        leaves the evaluations out (and includes the capture and compilation of the first step).
+
+        `cuda_graph`: the model's training forward and backward are captured as CUDA graphs at the first step and
+        replayed (the Lightning module's `cuda_graph`; the batch shape must stay fixed); the optimizer and the
+        evaluations run eagerly."""
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                                 fused=self.device.type == "cuda")
         warm = max(1, steps // 10)
@@ -244,6 +250,8 @@ class Bench:
             model.train()
             evaluating += time.perf_counter() - t
 
+        # autocast's weight cast cache must be off while capturing (PyTorch's CUDA-graph notes)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda_graph else self.amp
         self.sync()
         start = time.perf_counter()
         for step in range(steps):
@@ -252,7 +260,10 @@ class Bench:
             if evaluate and every and step and step % every == 0:
                 validate(step)
             x, y = next_batch()
-            with self.amp:
+            if cuda_graph and not step:
+                with amp:  # in place: in eval mode the module runs its eager forward
+                    torch.cuda.make_graphed_callables(model, (x,))
+            with amp:
                 logits = model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
             loss.backward()
@@ -272,33 +283,44 @@ class Bench:
     def fit_lm(self, model: TitansLM) -> tuple[dict[str, Any], float]:
         """Train `model` on the lm part's batches (`--steps`, `--batch`, `--seq-len`, `--lr`, the same for every
         model) and return `train`'s stats and the validation loss after it; with `--val-every` that validation
-        ends the curve."""
+        ends the curve, and `val_position_curve` holds each validation's bits per byte by position (`val_by_position`).
+        """
         a = self.args
         gen = torch.Generator().manual_seed(a.seed)
+        by_position: list[list[float]] = []
 
-        def val_bpb() -> float:
-            return self.val_loss(model, a.seq_len, a.val_batches) / math.log(2)
+        def validate() -> float:
+            loss, positions = self.val_by_position(model, a.seq_len, a.val_batches, a.val_positions)
+            by_position.append([x / math.log(2) for x in positions])
+            return loss
 
-        stats = self.train(model, a.steps, lambda: self.lm_batch(gen, a.batch, a.seq_len), a.lr, val_bpb, a.val_every)
-        loss = self.val_loss(model, a.seq_len, a.val_batches)
+        stats = self.train(model, a.steps, lambda: self.lm_batch(gen, a.batch, a.seq_len), a.lr,
+                           lambda: validate() / math.log(2), a.val_every, cuda_graph=a.cuda_graph)
+        loss = validate()
         if a.val_every:
             stats["val_curve"].append([stats["steps"], loss / math.log(2)])
+            stats["val_position_curve"] = [[step, row] for (step, _), row in zip(stats["val_curve"], by_position)]
+        stats["val_bpb_by_position"] = by_position[-1]
         return stats, loss
 
     @torch.no_grad()
-    def val_loss(self, model: TitansLM, seq_len: int, batches: int) -> float:
+    def val_by_position(self, model: TitansLM, seq_len: int, batches: int, spans: int) -> tuple[float, list[float]]:
+        """Validation loss (nats per token) over `batches` batches of the held-out split, and its mean over each of
+        `spans` equal spans of positions in the sequence (first to last): whether a model uses its long context."""
         model.eval()
         data = self.splits["val"]
         n = min(batches * self.args.batch, (len(data) - 1) // seq_len)
-        total = 0.0
+        total = torch.zeros(seq_len, dtype=torch.float64, device=self.device)  # summed over the sequences
         for s in range(0, n, self.args.batch):
             idx = (torch.arange(s, min(s + self.args.batch, n), device=self.device) * seq_len)[:, None] + \
                 torch.arange(seq_len + 1, device=self.device)
             chunk = data[idx]
             with self.amp:
                 logits = model(chunk[:, :-1])
-            total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
-        return total / (n * seq_len)
+            losses = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")  # (B, T)
+            total += losses.sum(0, dtype=torch.float64)
+        spans_mean = [x.mean().item() / n for x in total.tensor_split(spans)]
+        return total.sum().item() / (n * seq_len), spans_mean
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -353,6 +375,8 @@ class Bench:
                   f"{v['val_bpb'] / best:8.3f} {v['train_s']:8.1f} {v['steps']:6d}{' truncated' * v['truncated']}")
             if "val_curve" in v:
                 print(f"{'':12s} val bpb by step: " + ", ".join(f"{step}: {bpb:.3f}" for step, bpb in v["val_curve"]))
+            if len(v["val_bpb_by_position"]) > 1:
+                print(f"{'':12s} val bpb by position: " + " ".join(f"{x:.3f}" for x in v["val_bpb_by_position"]))
 
     def part_ablation(self) -> None:
         a = self.args
@@ -391,6 +415,8 @@ class Bench:
             rel = f"{ok[k]['val_bpb'] / base:7.3f}" if base else f"{'-':>7s}"  # no LMM row: no ratio
             print(f"{k:22s} {ok[k]['val_bpb']:8.4f} {rel} {ok[k]['paper_ppl']:9.2f}"
                   f"{' truncated' * ok[k].get('truncated', False)}")
+            if len(ok[k]["val_bpb_by_position"]) > 1:
+                print(f"{'':22s} by position: " + " ".join(f"{x:.3f}" for x in ok[k]["val_bpb_by_position"]))
         for k, v in rows.items():
             if k not in ok:
                 print(f"{k:22s} {status(v)}")
@@ -1052,6 +1078,10 @@ def main() -> None:
     p.add_argument("--val-batches", type=int, default=16)
     p.add_argument("--val-every", type=int, default=0,
                    help="lm / ablation parts: validation every this many steps as well (a curve; 0: at the end only)")
+    p.add_argument("--val-positions", type=int, default=8,
+                   help="lm / ablation parts: validation bits per byte also over this many equal spans of positions")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="lm / ablation parts: replay each model's training forward and backward as CUDA graphs")
     p.add_argument("--niah-steps", type=int, default=60)
     p.add_argument("--niah-batch", type=int, default=8)
     p.add_argument("--niah-train-len", type=int, default=1024)
@@ -1086,6 +1116,14 @@ def main() -> None:
                        tokens_per_batch=256, iters=1, chunk_lens=[64], chunk_iters=1, row_lens=[64],
                        profile_len=128, profile_steps=1)
     args = p.parse_args()
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = [x for x in parts if x not in PART_SHARE]
+    if unknown:
+        p.error(f"--parts: unknown {unknown}; choose from {list(PART_SHARE)}")
+    if args.cuda_graph and (args.quick or not torch.cuda.is_available()):
+        p.error("--cuda-graph captures the training step on a GPU; this run is on the CPU")
+    if args.cuda_graph and "niah" in parts:
+        p.error("--cuda-graph: the niah part fine-tunes the lm part's models at another shape; run it without")
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1101,10 +1139,6 @@ def main() -> None:
                     raise ValueError(f"row {name!r}: flags here are {sorted(allowed)}")
             except ValueError as exc:
                 p.error(f"--{flag.replace('_', '-')}: {exc}")
-    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    unknown = [x for x in parts if x not in PART_SHARE]
-    if unknown:
-        p.error(f"--parts: unknown {unknown}; choose from {list(PART_SHARE)}")
     bench = Bench(args)
     bench.run(parts)
     bench.save()

@@ -497,7 +497,8 @@ def test_bench_marks_skips_and_errors_and_writes_json_per_item(tmp_path, monkeyp
 
 def test_bench_lm_part_records_a_validation_curve(tmp_path, monkeypatch, load_script):
     """`--val-every` evaluates during training as well: every row of the lm and ablation parts gets a curve at those
-    steps and at the end, and the lm row's last point is its reported validation; `--ablations` picks Table 5's
+    steps and at the end, and the lm row's last point is its reported validation; each validation is also split
+    over `--val-positions` spans of the sequence, whose mean is the whole validation; `--ablations` picks Table 5's
     rows by their experiment names."""
     import json
 
@@ -512,11 +513,31 @@ def test_bench_lm_part_records_a_validation_curve(tmp_path, monkeypatch, load_sc
         assert [step for step, _ in row["val_curve"]] == [2, 4, 5], variant
         assert row["val_curve"][-1][1] == pytest.approx(row["val_bpb"]), variant
         assert row["val_curve"][0][1] != row["val_curve"][-1][1], variant  # the model trained in between
+        assert [step for step, _ in row["val_position_curve"]] == [2, 4, 5], variant
+        assert row["val_position_curve"][-1][1] == row["val_bpb_by_position"], variant
+        spans = row["val_bpb_by_position"]  # 8 spans of the 64 positions of --quick, each 8 long
+        assert len(spans) == 8 and sum(spans) / 8 == pytest.approx(row["val_bpb"]), variant
+        assert spans[0] > min(spans[1:]), variant  # the first positions have the least context
     rows = saved["ablation"]["rows"]
     assert set(rows) == {"LMM", "w/o Momentum"}  # the rows asked for; the LMM's is the lm part's own run
     assert rows["LMM"]["val_bpb"] == saved["lm"]["lmm"]["val_bpb"]
     assert rows["LMM"]["val_curve"] == saved["lm"]["lmm"]["val_curve"]  # the reused run keeps its curve
     assert [step for step, _ in rows["w/o Momentum"]["val_curve"]] == [2, 4, 5]
+
+
+def test_bench_refuses_cuda_graph_on_the_cpu_and_with_the_niah_part(monkeypatch, capsys, load_script):
+    """`--cuda-graph` captures the quality parts' training step on a GPU at one shape: on the CPU, or with the niah
+    part (which fine-tunes the lm part's models at another length), the bench stops before training, saying why."""
+    bench = load_script("bench_titans")
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "lm", "--cuda-graph"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--cuda-graph captures the training step on a GPU" in capsys.readouterr().err
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("sys.argv", ["bench", "--parts", "lm,niah", "--cuda-graph"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "the niah part fine-tunes the lm part's models" in capsys.readouterr().err
 
 
 def test_bench_leaves_a_diverged_model_out_of_the_orderings(load_script):
