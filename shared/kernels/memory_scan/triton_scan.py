@@ -220,7 +220,9 @@ if triton is not None:
                     g_delta1_raw = g_delta1 * scale[:, None]
                     g_delta2_raw = g_delta2 * scale[:, None]
                     d_scale = tl.sum(g_delta1 * delta1_raw, 1) + tl.sum(g_delta2 * delta2_raw, 1)
-                    d_sq = tl.where(sq > max_norm * max_norm, -0.5 * d_scale * scale / sq, 0.0)  # d scale / d sq
+                    # d scale / d sq; the divisor is sq where the clip binds, and never 0 (a padded row's sq is)
+                    bound = tl.maximum(sq, max_norm * max_norm)
+                    d_sq = tl.where(sq > max_norm * max_norm, -0.5 * d_scale * scale / bound, 0.0)
                     tl.store(clip_ptr + row + tl.arange(0, R), 8 * d_sq * dd1)  # d k += this * k
                     g_delta1_raw += (8 * d_sq * kk)[:, None] * delta1_raw
                     da += (8 * d_sq * dd2)[:, None] * a
