@@ -83,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from projects.titans.memory import MEMORY_IMPLS, Gates, MemoryState  # noqa: E402
 from projects.titans.model import TitansLM, build_titans  # noqa: E402
-from shared.data.lm import text_splits, unigram_entropy  # noqa: E402
+from shared.data.lm import bigram_cross_entropy, text_splits, unigram_entropy  # noqa: E402
 from shared.data.synthetic.niah import IGNORE, niah_batch, word_list  # noqa: E402
 from shared.lit.flops import peak_tflops  # noqa: E402
 
@@ -213,6 +213,7 @@ class Bench:
         if self._splits is None:
             splits, _, _ = text_splits(load_text(self.args.text), "byte")
             self.results["unigram_bpb"] = unigram_entropy(splits["train"], 256) / math.log(2)
+            self.results["bigram_val_bpb"] = bigram_cross_entropy(splits["train"], splits["val"], 256) / math.log(2)
             self._splits = {k: torch.from_numpy(v.astype(np.int64)).to(self.device) for k, v in splits.items()}
         return self._splits
 
@@ -364,7 +365,8 @@ class Bench:
         ok = measured(rows)
         best = min((v["val_bpb"] for v in ok.values()), default=float("nan"))
         print(f"\nLM, byte level, {a.steps} steps x {a.batch} x {a.seq_len} tokens "
-              f"(unigram {self.results.get('unigram_bpb', float('nan')):.3f} bpb)")
+              f"(unigram {self.results.get('unigram_bpb', float('nan')):.3f} bpb, "
+              f"bigram on the validation bytes {self.results.get('bigram_val_bpb', float('nan')):.3f})")
         print(f"{'model':12s} {'params':>9s} {'val bpb':>8s} {'val ppl':>8s} {'vs best':>8s} {'train s':>8s} "
               f"{'steps':>6s}")
         for k, v in rows.items():

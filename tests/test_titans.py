@@ -509,6 +509,7 @@ def test_bench_lm_part_records_a_validation_curve(tmp_path, monkeypatch, load_sc
                                      "--json", "lm.json"])
     bench.main()
     saved = json.loads((tmp_path / "lm.json").read_text())
+    assert saved["unigram_bpb"] > saved["bigram_val_bpb"] > 0  # the baselines: English bytes depend on the previous one
     for variant, row in saved["lm"].items():
         assert [step for step, _ in row["val_curve"]] == [2, 4, 5], variant
         assert row["val_curve"][-1][1] == pytest.approx(row["val_bpb"]), variant

@@ -12,7 +12,14 @@ import torch
 from shared.blocks.mlp import SwiGLU, llama_hidden_dim
 from shared.blocks.norms import RMSNorm
 from shared.blocks.rope import RotaryEmbedding
-from shared.data.lm import LMWindows, split_bounds, text_splits, token_file_splits, unigram_entropy
+from shared.data.lm import (
+    LMWindows,
+    bigram_cross_entropy,
+    split_bounds,
+    text_splits,
+    token_file_splits,
+    unigram_entropy,
+)
 from shared.data.synthetic.mqar import mqar_batch
 from shared.data.synthetic.niah import IGNORE, TASKS, niah_batch
 from shared.lit.errors import ConfigError, DatasetError
@@ -66,6 +73,20 @@ def test_token_file_errors_name_the_path(tmp_path):
         token_file_splits(tmp_path)
     with pytest.raises(ConfigError):
         token_file_splits(tmp_path, "int8")
+
+
+def test_bigram_cross_entropy():
+    """The held-out loss of the smoothed bigram counts: near 0 where the next token follows from the current one, the
+    exact smoothed value by hand on a small case, and about log V on independent tokens."""
+    cycle = np.tile(np.arange(5), 200)
+    assert bigram_cross_entropy(cycle, cycle, 5) < 1e-3
+    # train [0, 1, 0, 2]: pairs (0->1), (1->0), (0->2), contexts 0 twice and 1 once; held out [0, 1, 1], vocabulary 3:
+    # p(1|0) = (1 + 0.5) / (2 + 1.5), p(1|1) = (0 + 0.5) / (1 + 1.5)
+    assert bigram_cross_entropy(np.array([0, 1, 0, 2]), np.array([0, 1, 1]), 3, add=0.5) == pytest.approx(
+        -(math.log(1.5 / 3.5) + math.log(0.5 / 2.5)) / 2)
+    rng = np.random.default_rng(0)
+    noise = bigram_cross_entropy(rng.integers(0, 4, 100_000), rng.integers(0, 4, 10_000), 4)
+    assert math.log(4) <= noise < math.log(4) + 0.01
 
 
 def test_unigram_entropy():

@@ -149,6 +149,20 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def bigram_cross_entropy(train: np.ndarray, held_out: np.ndarray, vocab_size: int, add: float = 0.01) -> float:
+    """Loss (nats per token) on `held_out` of the bigram model counted on `train`, add-`add` smoothed: what a model
+    that sees only the current token can reach, the plateau of a language model whose sequence mixing does not
+    work. Counts are kept sparse, so any vocabulary size will do."""
+    train, held_out = (np.asarray(t, dtype=np.int64) for t in (train, held_out))
+    pairs, pair_counts = np.unique(train[:-1] * vocab_size + train[1:], return_counts=True)
+    context_counts = np.bincount(train[:-1], minlength=vocab_size)
+    query = held_out[:-1] * vocab_size + held_out[1:]
+    at = np.searchsorted(pairs, query).clip(max=len(pairs) - 1)
+    seen = np.where(pairs[at] == query, pair_counts[at], 0)
+    p = (seen + add) / (context_counts[held_out[:-1]] + add * vocab_size)
+    return float(-np.log(p).mean())
+
+
 def corpus_text(corpus: str) -> str:
     """An embedded English text by name: "wikipedia" (gensim's excerpt) or "pydoc" (Python's documentation)."""
     from shared.data import text
