@@ -1122,6 +1122,8 @@ def main() -> None:
     unknown = [x for x in parts if x not in PART_SHARE]
     if unknown:
         p.error(f"--parts: unknown {unknown}; choose from {list(PART_SHARE)}")
+    if not 1 <= args.val_positions <= args.seq_len:
+        p.error(f"--val-positions {args.val_positions}: give 1 to --seq-len ({args.seq_len}) spans of positions")
     if args.cuda_graph and (args.quick or not torch.cuda.is_available()):
         p.error("--cuda-graph captures the training step on a GPU; this run is on the CPU")
     if args.cuda_graph and "niah" in parts:

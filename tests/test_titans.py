@@ -541,6 +541,14 @@ def test_bench_refuses_cuda_graph_on_the_cpu_and_with_the_niah_part(monkeypatch,
     assert "the niah part fine-tunes the lm part's models" in capsys.readouterr().err
 
 
+def test_bench_refuses_more_position_spans_than_positions(monkeypatch, capsys, load_script):
+    bench = load_script("bench_titans")
+    monkeypatch.setattr("sys.argv", ["bench", "--quick", "--parts", "lm", "--seq-len", "64", "--val-positions", "65"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--val-positions 65: give 1 to --seq-len (64) spans" in capsys.readouterr().err
+
+
 def test_bench_leaves_a_diverged_model_out_of_the_orderings(load_script):
     """A model whose loss went NaN is reported as diverged, with its step, and takes no place in the ranking of the
     finite ones (a NaN would otherwise sort first: the 1,000-step Table 5 run's model without weight decay)."""
