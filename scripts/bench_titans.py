@@ -283,9 +283,9 @@ class Bench:
 
     def fit_lm(self, model: TitansLM) -> tuple[dict[str, Any], float]:
         """Train `model` on the lm part's batches (`--steps`, `--batch`, `--seq-len`, `--lr`, the same for every
-        model) and return `train`'s stats and the validation loss after it; with `--val-every` that validation
-        ends the curve, and `val_position_curve` holds each validation's bits per byte by position (`val_by_position`).
-        """
+        model) and return `train`'s stats and the validation loss after it. The stats hold that validation's bits
+        per byte over `--val-positions` spans of the sequence (`val_bpb_by_position`); with `--val-every` it ends the
+        curve, and `val_position_curve` holds every validation's spans."""
         a = self.args
         gen = torch.Generator().manual_seed(a.seed)
         by_position: list[list[float]] = []

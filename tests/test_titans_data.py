@@ -87,6 +87,8 @@ def test_bigram_cross_entropy():
     rng = np.random.default_rng(0)
     noise = bigram_cross_entropy(rng.integers(0, 4, 100_000), rng.integers(0, 4, 10_000), 4)
     assert math.log(4) <= noise < math.log(4) + 0.01
+    with pytest.raises(ValueError, match="two tokens or more in each split; got 1 for training"):
+        bigram_cross_entropy(np.array([3]), cycle, 5)
 
 
 def test_unigram_entropy():

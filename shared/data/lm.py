@@ -154,6 +154,9 @@ def bigram_cross_entropy(train: np.ndarray, held_out: np.ndarray, vocab_size: in
     that sees only the current token can reach, the plateau of a language model whose sequence mixing does not
     work. Counts are kept sparse, so any vocabulary size will do."""
     train, held_out = (np.asarray(t, dtype=np.int64) for t in (train, held_out))
+    if len(train) < 2 or len(held_out) < 2:
+        raise ValueError(f"bigram_cross_entropy needs two tokens or more in each split; got {len(train)} for training "
+                         f"and {len(held_out)} held out")
     pairs, pair_counts = np.unique(train[:-1] * vocab_size + train[1:], return_counts=True)
     context_counts = np.bincount(train[:-1], minlength=vocab_size)
     query = held_out[:-1] * vocab_size + held_out[1:]
